@@ -1,0 +1,49 @@
+"""Token dispatch: dropless (the default, see ``experts.moezoo_experts_forward``) and capacity-factor mode."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .routers import RouterOutput, finish
+
+
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int = 1) -> int:
+    """Slots per expert: ``ceil(capacity_factor * T * k / E)`` (at least ``min_capacity``)."""
+    return max(min_capacity, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+
+
+def apply_capacity(ro: RouterOutput, num_experts: int, capacity_factor: float, *, policy: str = "probs",
+                   min_capacity: int = 1) -> RouterOutput:
+    """Drop token-expert pairs beyond each expert's capacity.
+
+    ``policy="probs"`` keeps the pairs with the highest routing weight, ``"position"`` the earliest tokens (Switch).
+    Dropped slots become sentinels with weight 0; ``extras["drop_rate"]`` is the fraction of routed pairs dropped
+    and ``extras["capacity"]`` the capacity used.
+    """
+    if policy not in ("probs", "position"):
+        raise ValueError(f"drop_policy must be 'probs' or 'position', got {policy!r}")
+    idx, w = ro.indices, ro.weights
+    T, K = idx.shape
+    cap = expert_capacity(T, num_experts, K, capacity_factor, min_capacity)
+    flat_idx = idx.reshape(-1)
+    valid = flat_idx < num_experts
+    if policy == "probs":
+        priority = w.detach().reshape(-1).float()
+    else:  # earlier tokens first, then earlier slots
+        priority = -torch.arange(flat_idx.numel(), device=idx.device, dtype=torch.float32)
+    # order slots by (expert, priority desc); rank inside each expert's group
+    key_exp = torch.where(valid, flat_idx, num_experts)
+    order = torch.argsort(priority, descending=True, stable=True)
+    order = order[torch.argsort(key_exp[order], stable=True)]
+    counts = torch.bincount(key_exp, minlength=num_experts + 1)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(flat_idx)
+    rank[order] = torch.arange(flat_idx.numel(), device=idx.device) - starts[key_exp[order]]
+    keep = valid & (rank < cap)
+    n_valid = int(valid.sum())
+    drop_rate = (valid & ~keep).sum().float() / max(n_valid, 1)
+    new_idx = torch.where(keep, flat_idx, num_experts).view(T, K)
+    new_w = torch.where(keep.view(T, K), w, torch.zeros((), dtype=w.dtype, device=w.device))
+    extras = dict(ro.extras, drop_rate=drop_rate, capacity=cap)
+    return finish(ro.logits, ro.probs, new_idx, new_w, ro.num_experts, ro.aux_loss, **extras)

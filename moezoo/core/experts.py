@@ -1,0 +1,401 @@
+"""Expert modules of the shared backbone.
+
+Routed experts are stored as 3-D parameters ``gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I] so that
+transformers' experts interface (``set_experts_implementation``), its expert-parallel plans and peft's
+``target_parameters`` apply unchanged.  The forward signature is transformers' one:
+``forward(hidden_states (T, H), top_k_index (T, k), top_k_weights (T, k)) -> (T, H)``; ids ``>= num_experts`` are
+sentinels (dynamic-k padding, zero-FLOP experts) and cost nothing.
+
+``moezoo`` (registered in :data:`transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS`) is the default implementation:
+a sort-based dispatch with one custom autograd function that runs grouped matmuls forward and backward, so no 3-D
+parameter is ever indexed per expert under autograd.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, use_experts_implementation
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+DEFAULT_EXPERTS_IMPLEMENTATION = "moezoo"
+
+
+def get_activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"hidden_act={name!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+@dataclass
+class ExpertsImplementationConfig:
+    """Minimal stand-in for a ``PretrainedConfig`` when the core is used on its own.
+
+    transformers' ``use_experts_implementation`` reads ``self.config._experts_implementation`` at every forward; inside a
+    moezoo model the experts share the model's config object, so ``model.set_experts_implementation(...)`` reaches them.
+    """
+
+    _experts_implementation: str | None = DEFAULT_EXPERTS_IMPLEMENTATION
+
+
+class _ExpertsBase(nn.Module):
+    """E gated (or plain) FFN experts stored as 3-D tensors.
+
+    Args:
+        config: any object with an ``_experts_implementation`` attribute (a ``PretrainedConfig`` inside models).
+        num_experts, hidden_size, intermediate_size: E, H, I.
+        hidden_act: activation of the gate half (``silu`` -> SwiGLU, ``gelu``, ``gelu_tanh``, ``relu``).
+        gated: SwiGLU-style ``act(gate) * up`` (``gate_up_proj`` [E, 2I, H]) or plain ``act(up)`` (``up_proj`` [E, I, H]).
+        up_first: the fused projection holds [up; gate] instead of [gate; up] (some official checkpoints).
+    """
+
+    def __init__(
+        self,
+        config=None,
+        *,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        hidden_act: str = "silu",
+        gated: bool = True,
+        up_first: bool = False,
+    ):
+        super().__init__()
+        for name, value in (("num_experts", num_experts), ("hidden_size", hidden_size), ("intermediate_size", intermediate_size)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.num_experts = num_experts
+        self.hidden_dim = hidden_size
+        self.intermediate_dim = intermediate_size
+        self.hidden_act = hidden_act
+        self.act_fn = get_activation(hidden_act)
+        self.up_first = up_first
+        self.gated = gated
+        width = 2 * intermediate_size if gated else intermediate_size
+        if gated:
+            self.gate_up_proj = nn.Parameter(torch.empty(num_experts, width, hidden_size))
+        else:
+            self.up_proj = nn.Parameter(torch.empty(num_experts, width, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        if self._bias:
+            setattr(self, "gate_up_proj_bias" if gated else "up_proj_bias", nn.Parameter(torch.zeros(num_experts, width)))
+            self.down_proj_bias = nn.Parameter(torch.zeros(num_experts, hidden_size))
+        self.reset_parameters()
+
+    _bias = False
+
+    @property
+    def in_proj(self) -> torch.Tensor:
+        return self.gate_up_proj if self.gated else self.up_proj
+
+    @property
+    def in_proj_bias(self):
+        if not self._bias:
+            return None
+        return self.gate_up_proj_bias if self.gated else self.up_proj_bias
+
+    def reset_parameters(self, std: float | None = None) -> None:
+        # nn.Linear's default (kaiming-uniform) per expert slice unless a std is given
+        for w in (self.in_proj, self.down_proj):
+            if std is None:
+                bound = 1.0 / math.sqrt(w.shape[-1])
+                nn.init.uniform_(w, -bound, bound)
+            else:
+                nn.init.normal_(w, 0.0, std)
+        if self._bias:
+            nn.init.zeros_(self.in_proj_bias)
+            nn.init.zeros_(self.down_proj_bias)
+
+    def _apply_gate(self, gate_up_out: torch.Tensor) -> torch.Tensor:
+        if not self.gated:
+            return self.act_fn(gate_up_out)
+        first, second = gate_up_out.chunk(2, dim=-1)
+        gate, up = (second, first) if self.up_first else (first, second)
+        return self.act_fn(gate) * up
+
+    def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """One expert on (N, H) inputs, without any routing (reference path, also used by converters' tests)."""
+        h = F.linear(x, self.in_proj[expert], None if self.in_proj_bias is None else self.in_proj_bias[expert])
+        h = self._apply_gate(h)
+        return F.linear(h, self.down_proj[expert], self.down_proj_bias[expert] if self._bias else None)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """Eager reference: a loop over the experts that were hit (transformers' ``eager``)."""
+        out = torch.zeros_like(hidden_states)
+        flat_idx = top_k_index.reshape(-1)
+        flat_w = top_k_weights.reshape(-1)
+        k = top_k_index.shape[-1]
+        for e in torch.unique(flat_idx[flat_idx < self.num_experts]).tolist():
+            pos = (flat_idx == e).nonzero().squeeze(-1)
+            tok = pos // k
+            y = self.expert_forward(e, hidden_states[tok]) * flat_w[pos, None].to(hidden_states.dtype)
+            out.index_add_(0, tok, y)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}, "
+                f"act={self.hidden_act}, gated={self.gated}, bias={self._bias}")
+
+
+@use_experts_implementation
+class Experts(_ExpertsBase):
+    """Bias-free experts (SwiGLU by default)."""
+
+
+@use_experts_implementation(has_bias=True)
+class BiasedExperts(_ExpertsBase):
+    """Experts with biases on both projections."""
+
+    _bias = True
+
+
+@use_experts_implementation(has_gate=False)
+class PlainExperts(_ExpertsBase):
+    """Non-gated experts ``down(act(up x))`` (``up_proj`` [E, I, H])."""
+
+    def __init__(self, config=None, **kwargs):
+        kwargs["gated"] = False
+        super().__init__(config, **kwargs)
+
+
+@use_experts_implementation(has_gate=False, has_bias=True)
+class PlainBiasedExperts(_ExpertsBase):
+    """Non-gated experts with biases (e.g. the classic ViT/DiT GELU MLP as experts)."""
+
+    _bias = True
+
+    def __init__(self, config=None, **kwargs):
+        kwargs["gated"] = False
+        super().__init__(config, **kwargs)
+
+
+def build_experts(config=None, *, bias: bool = False, gated: bool = True, **kwargs) -> _ExpertsBase:
+    cls = {(False, True): Experts, (True, True): BiasedExperts, (False, False): PlainExperts, (True, False): PlainBiasedExperts}[
+        (bool(bias), bool(gated))
+    ]
+    if config is None:
+        config = ExpertsImplementationConfig()
+    if cls in (PlainExperts, PlainBiasedExperts):
+        return cls(config, **kwargs)
+    return cls(config, gated=gated, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The fast path: sort-based dispatch + grouped matmuls in one autograd function
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Grouped matmul; ``a`` (S, K) rows grouped by ``offs`` times ``b`` (E, K, N) -> (S, N), or the 2-D x 2-D form."""
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+def _has_grouped_mm(device: torch.device) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cpu"
+
+
+def _loop_mm(a: torch.Tensor, b: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    out = a.new_empty(a.shape[0], b.shape[-1])
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            torch.mm(a[start:start + n], b[e], out=out[start:start + n])
+            start += n
+    return out
+
+
+def _loop_wgrad(a_t: torch.Tensor, b: torch.Tensor, counts: list[int], shape) -> torch.Tensor:
+    out = a_t.new_empty(shape)
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            torch.mm(a_t[:, start:start + n], b[start:start + n], out=out[e])
+        else:
+            out[e].zero_()
+        start += n
+    return out
+
+
+class _SortedExpertsFunction(torch.autograd.Function):
+    """y[t] = sum_slots w * down_e(act(gate_up_e(x[t]))) for slots sorted by expert.
+
+    Inputs are already sorted: ``tok`` (S,) token of each slot, ``w`` (S,) its weight, ``offs`` cumulative counts.
+    Saves the sorted inputs and the pre-activation only, recomputes the activation in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, tok, w, offs, counts, W1, W2, b1, b2, gate_fn, use_gmm):
+        xs = x.index_select(0, tok)
+        W1t = W1.transpose(-2, -1)
+        W2t = W2.transpose(-2, -1)
+        h = _gmm(xs, W1t, offs) if use_gmm else _loop_mm(xs, W1t, counts)
+        if b1 is not None:
+            h = h + b1.repeat_interleave(torch.tensor(counts, device=h.device), dim=0, output_size=h.shape[0])
+        a = gate_fn(h)
+        y = _gmm(a, W2t, offs) if use_gmm else _loop_mm(a, W2t, counts)
+        if b2 is not None:
+            y = y + b2.repeat_interleave(torch.tensor(counts, device=y.device), dim=0, output_size=y.shape[0])
+        out = torch.zeros_like(x)
+        out.index_add_(0, tok, y * w.unsqueeze(-1).to(y.dtype))
+        ctx.save_for_backward(xs, tok, w, offs, h, y, W1, W2)
+        ctx.counts, ctx.gate_fn, ctx.use_gmm = counts, gate_fn, use_gmm
+        ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xs, tok, w, offs, h, y, W1, W2 = ctx.saved_tensors
+        counts, use_gmm = ctx.counts, ctx.use_gmm
+        grad_out = grad_out.contiguous()
+        gos = grad_out.index_select(0, tok)
+        grad_w = (gos * y).sum(-1).to(w.dtype) if ctx.needs_input_grad[2] else None
+        dy = gos * w.unsqueeze(-1).to(gos.dtype)
+        # recompute the activation and get its input gradient in one small autograd call (elementwise only)
+        with torch.enable_grad():
+            h_ = h.detach().requires_grad_(True)
+            a = ctx.gate_fn(h_)
+        da = _gmm(dy, W2, offs) if use_gmm else _loop_mm(dy, W2, counts)
+        (dh,) = torch.autograd.grad(a, h_, da)
+        a = a.detach()
+        if use_gmm:
+            dW2 = _gmm(dy.t(), a, offs) if ctx.needs_input_grad[6] else None
+            dW1 = _gmm(dh.t(), xs, offs) if ctx.needs_input_grad[5] else None
+        else:
+            dW2 = _loop_wgrad(dy.t(), a, counts, W2.shape) if ctx.needs_input_grad[6] else None
+            dW1 = _loop_wgrad(dh.t(), xs, counts, W1.shape) if ctx.needs_input_grad[5] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            dxs = _gmm(dh, W1, offs) if use_gmm else _loop_mm(dh, W1, counts)
+            grad_x = torch.zeros(grad_out.shape, dtype=dxs.dtype, device=dxs.device)
+            grad_x.index_add_(0, tok, dxs)
+        db1 = db2 = None
+        if ctx.has_b1 or ctx.has_b2:
+            seg = torch.repeat_interleave(torch.arange(len(counts), device=dy.device), torch.tensor(counts, device=dy.device))
+            if ctx.has_b1:
+                db1 = torch.zeros(W1.shape[0], W1.shape[1], dtype=dh.dtype, device=dh.device).index_add_(0, seg, dh)
+            if ctx.has_b2:
+                db2 = torch.zeros(W2.shape[0], W2.shape[1], dtype=dy.dtype, device=dy.device).index_add_(0, seg, dy)
+        return grad_x, None, grad_w, None, None, dW1, dW2, db1, db2, None, None
+
+
+def sort_by_expert(top_k_index: torch.Tensor, num_experts: int):
+    """Sort the (T, k) routing slots by expert.
+
+    Returns ``(order, token_of_slot, counts, offsets)`` where ``order`` indexes the flattened (T*k,) slots of *valid*
+    experts only (sentinels ``>= num_experts`` are dropped), ``counts`` (E,) and ``offsets`` (E,) int32 cumulative.
+    """
+    k = top_k_index.shape[-1]
+    flat = top_k_index.reshape(-1)
+    sorted_ids, order = torch.sort(flat, stable=True)
+    counts = torch.bincount(sorted_ids.clamp(max=num_experts), minlength=num_experts + 1)[:num_experts]
+    n_valid = int(counts.sum())
+    order = order[:n_valid]
+    return order, order // k, counts, counts.cumsum(0).to(torch.int32)
+
+
+def moezoo_experts_forward(self: _ExpertsBase, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                           top_k_weights: torch.Tensor) -> torch.Tensor:
+    """moezoo's experts implementation (registered as ``"moezoo"``): sort-based dropless dispatch, grouped matmuls.
+
+    On CPU and on CUDA (sm80+) it runs ``torch._grouped_mm``; elsewhere a per-expert ``torch.mm`` loop inside the same
+    autograd function (never ``w[e]`` under autograd).
+    """
+    if hidden_states.dim() != 2:
+        raise ValueError(f"hidden_states must be (tokens, hidden), got shape {tuple(hidden_states.shape)}")
+    order, tok, counts, offs = sort_by_expert(top_k_index, self.num_experts)
+    w = top_k_weights.reshape(-1)[order]
+    W1, W2 = self.in_proj, self.down_proj
+    if hidden_states.dtype != W1.dtype:
+        hidden_states = hidden_states.to(W1.dtype)
+    use_gmm = _has_grouped_mm(hidden_states.device) and (hidden_states.device.type != "cuda" or W1.dtype == torch.bfloat16)
+    counts_list = counts.tolist()
+    if use_gmm and hidden_states.device.type == "cpu":
+        # the CPU grouped-mm kernel wants 16-byte aligned operands
+        use_gmm = all(t.data_ptr() % 16 == 0 for t in (W1, W2, hidden_states))
+    b1 = self.in_proj_bias
+    b2 = self.down_proj_bias if self._bias else None
+    return _SortedExpertsFunction.apply(hidden_states, tok, w, offs, counts_list, W1, W2, b1, b2, self._apply_gate, use_gmm)
+
+
+ALL_EXPERTS_FUNCTIONS.register(DEFAULT_EXPERTS_IMPLEMENTATION, moezoo_experts_forward)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Shared (always-on) experts and zero-FLOP experts
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class SharedExpert(nn.Module):
+    """A dense gated MLP applied to every token (Qwen2-MoE / DeepSeek shared experts; several fuse into one)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str = "silu", bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.act_fn = get_activation(hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class ZeroFlopExperts(nn.Module):
+    """Experts that cost (almost) no FLOPs, placed after the ``num_routed`` FFN experts in the router's id space.
+
+    In order: ``num_null`` null experts (AdaMoE; output 0), ``num_zero`` zero experts (MoE++; output 0),
+    ``num_copy`` copy experts (output = input), ``num_constant`` constant experts (MoE++:
+    ``softmax(W_c x)[0] * x + softmax(W_c x)[1] * v_c`` with a learned vector ``v_c``).
+    Null and zero experts are both "skip" slots; they are kept apart because official checkpoints weight them differently.
+    """
+
+    def __init__(self, hidden_size: int, num_routed: int, *, num_null: int = 0, num_zero: int = 0, num_copy: int = 0,
+                 num_constant: int = 0):
+        super().__init__()
+        self.num_routed = num_routed
+        self.num_null, self.num_zero, self.num_copy, self.num_constant = num_null, num_zero, num_copy, num_constant
+        self.count = num_null + num_zero + num_copy + num_constant
+        self.copy_start = num_routed + num_null + num_zero
+        self.constant_start = self.copy_start + num_copy
+        if num_constant:
+            self.constant = nn.Parameter(torch.empty(num_constant, hidden_size))
+            self.constant_gate = nn.Parameter(torch.empty(num_constant, 2, hidden_size))
+            nn.init.normal_(self.constant, std=hidden_size ** -0.5)
+            nn.init.normal_(self.constant_gate, std=hidden_size ** -0.5)
+
+    @property
+    def has_output(self) -> bool:
+        return bool(self.num_copy or self.num_constant)
+
+    def null_ids(self) -> range:
+        """Ids of experts whose output is zero (null and zero experts)."""
+        return range(self.num_routed, self.copy_start)
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        if self.num_copy:
+            sel = (indices >= self.copy_start) & (indices < self.constant_start)
+            out = out + (weights * sel).sum(-1, keepdim=True).to(x.dtype) * x
+        for c in range(self.num_constant):
+            sel = indices == self.constant_start + c
+            wc = (weights * sel).sum(-1, keepdim=True).to(x.dtype)
+            rows = sel.any(-1)
+            if not rows.any():
+                continue
+            mix = torch.nn.functional.linear(x, self.constant_gate[c]).softmax(-1)
+            out = out + wc * (mix[:, :1] * x + mix[:, 1:] * self.constant[c])
+        return out
