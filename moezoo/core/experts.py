@@ -209,12 +209,24 @@ def _has_grouped_mm(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def _loop_mm(a: torch.Tensor, b: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    out = a.new_empty(a.shape[0], b.shape[-1])
+def _loop_mm(a: torch.Tensor, b: torch.Tensor, counts: list[int], transposed_out: bool = False) -> torch.Tensor:
+    """Rows of ``a`` grouped by ``counts`` times ``b[e]`` (K, N) -> (S, N), one ``torch.mm`` per expert.
+
+    ``transposed_out`` computes ``(b[e]^T a_e^T)`` into an (N, S) buffer and returns its (S, N) transposed view: MKL runs
+    the small-M products ~20% faster with the long dimension first, and the elementwise ops that follow keep the layout.
+    """
+    if transposed_out:
+        out_t = a.new_empty(b.shape[-1], a.shape[0])
+        out = out_t.t()
+    else:
+        out = a.new_empty(a.shape[0], b.shape[-1])
     start = 0
     for e, n in enumerate(counts):
         if n:
-            torch.mm(a[start:start + n], b[e], out=out[start:start + n])
+            if transposed_out:
+                torch.mm(b[e].t(), a[start:start + n].t(), out=out_t[:, start:start + n])
+            else:
+                torch.mm(a[start:start + n], b[e], out=out[start:start + n])
             start += n
     return out
 
@@ -235,43 +247,55 @@ class _SortedExpertsFunction(torch.autograd.Function):
     """y[t] = sum_slots w * down_e(act(gate_up_e(x[t]))) for slots sorted by expert.
 
     Inputs are already sorted: ``tok`` (S,) token of each slot, ``w`` (S,) its weight, ``offs`` cumulative counts.
-    Saves the sorted inputs and the pre-activation only, recomputes the activation in backward.
+    SwiGLU (``silu``, [gate; up]) has a hand-written backward that writes the fused gradient in place (no chunk/cat);
+    other activations recompute the elementwise part under autograd in backward.
     """
 
     @staticmethod
-    def forward(ctx, x, tok, w, offs, counts, W1, W2, b1, b2, gate_fn, use_gmm):
+    def forward(ctx, x, tok, w, offs, counts, W1, W2, b1, b2, gate_fn, use_gmm, fast_swiglu):
         xs = x.index_select(0, tok)
         W1t = W1.transpose(-2, -1)
         W2t = W2.transpose(-2, -1)
         h = _gmm(xs, W1t, offs) if use_gmm else _loop_mm(xs, W1t, counts)
         if b1 is not None:
             h = h + b1.repeat_interleave(torch.tensor(counts, device=h.device), dim=0, output_size=h.shape[0])
-        a = gate_fn(h)
+        if fast_swiglu:
+            g, u = h.chunk(2, dim=-1)
+            sg = F.silu(g)
+            a = sg * u
+        else:
+            sg = None
+            a = gate_fn(h)
         y = _gmm(a, W2t, offs) if use_gmm else _loop_mm(a, W2t, counts)
         if b2 is not None:
             y = y + b2.repeat_interleave(torch.tensor(counts, device=y.device), dim=0, output_size=y.shape[0])
         out = torch.zeros_like(x)
         out.index_add_(0, tok, y * w.unsqueeze(-1).to(y.dtype))
-        ctx.save_for_backward(xs, tok, w, offs, h, y, W1, W2)
-        ctx.counts, ctx.gate_fn, ctx.use_gmm = counts, gate_fn, use_gmm
+        ctx.save_for_backward(xs, tok, w, offs, h, sg, a, y, W1, W2)
+        ctx.counts, ctx.gate_fn, ctx.use_gmm, ctx.fast_swiglu = counts, gate_fn, use_gmm, fast_swiglu
         ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        xs, tok, w, offs, h, y, W1, W2 = ctx.saved_tensors
+        xs, tok, w, offs, h, sg, a, y, W1, W2 = ctx.saved_tensors
         counts, use_gmm = ctx.counts, ctx.use_gmm
         grad_out = grad_out.contiguous()
         gos = grad_out.index_select(0, tok)
-        grad_w = (gos * y).sum(-1).to(w.dtype) if ctx.needs_input_grad[2] else None
-        dy = gos * w.unsqueeze(-1).to(gos.dtype)
-        # recompute the activation and get its input gradient in one small autograd call (elementwise only)
-        with torch.enable_grad():
-            h_ = h.detach().requires_grad_(True)
-            a = ctx.gate_fn(h_)
+        grad_w = torch.linalg.vecdot(gos, y).to(w.dtype) if ctx.needs_input_grad[2] else None
+        dy = gos.mul_(w.unsqueeze(-1).to(gos.dtype))
         da = _gmm(dy, W2, offs) if use_gmm else _loop_mm(dy, W2, counts)
-        (dh,) = torch.autograd.grad(a, h_, da)
-        a = a.detach()
+        if ctx.fast_swiglu:
+            g, u = h.chunk(2, dim=-1)
+            inter = g.shape[-1]
+            dh = torch.empty_like(h)
+            torch.mul(da, sg, out=dh[:, inter:])
+            torch.ops.aten.silu_backward.grad_input(da.mul_(u), g, grad_input=dh[:, :inter])
+        else:
+            with torch.enable_grad():
+                h_ = h.detach().requires_grad_(True)
+                a_ = ctx.gate_fn(h_)
+            (dh,) = torch.autograd.grad(a_, h_, da)
         if use_gmm:
             dW2 = _gmm(dy.t(), a, offs) if ctx.needs_input_grad[6] else None
             dW1 = _gmm(dh.t(), xs, offs) if ctx.needs_input_grad[5] else None
@@ -290,7 +314,7 @@ class _SortedExpertsFunction(torch.autograd.Function):
                 db1 = torch.zeros(W1.shape[0], W1.shape[1], dtype=dh.dtype, device=dh.device).index_add_(0, seg, dh)
             if ctx.has_b2:
                 db2 = torch.zeros(W2.shape[0], W2.shape[1], dtype=dy.dtype, device=dy.device).index_add_(0, seg, dy)
-        return grad_x, None, grad_w, None, None, dW1, dW2, db1, db2, None, None
+        return grad_x, None, grad_w, None, None, dW1, dW2, db1, db2, None, None, None
 
 
 def sort_by_expert(top_k_index: torch.Tensor, num_experts: int):
@@ -308,6 +332,39 @@ def sort_by_expert(top_k_index: torch.Tensor, num_experts: int):
     return order, order // k, counts, counts.cumsum(0).to(torch.int32)
 
 
+_MALLOC_TUNED = False
+
+
+def tune_cpu_allocator(force: bool = False) -> bool:
+    """Keep freed large blocks inside the process (glibc ``mallopt``) instead of returning them to the OS.
+
+    PyTorch's CPU allocator is glibc ``malloc``; blocks above glibc's mmap threshold are ``mmap``-ed on every
+    allocation and page-faulted in on first touch, which costs more than the arithmetic of the elementwise ops of an
+    MoE layer (and of a dense FFN) at training sizes.  Raising the mmap and trim thresholds lets ``malloc`` reuse freed
+    memory, like the CUDA caching allocator does on GPU; the price is that the process keeps its peak heap.
+    moezoo calls this once, the first time its CPU experts kernel runs; it affects the whole process, is a no-op
+    where glibc is absent, and is disabled by ``MOEZOO_TUNE_MALLOC=0``.  Returns whether the setting was applied.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED and not force:
+        return True
+    _MALLOC_TUNED = True  # try once
+    import os
+    import sys
+
+    if os.environ.get("MOEZOO_TUNE_MALLOC", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        big = 2**31 - 1
+        return bool(libc.mallopt(m_mmap_threshold, big)) and bool(libc.mallopt(m_trim_threshold, big))
+    except (OSError, AttributeError):
+        return False
+
+
 def moezoo_experts_forward(self: _ExpertsBase, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                            top_k_weights: torch.Tensor) -> torch.Tensor:
     """moezoo's experts implementation (registered as ``"moezoo"``): sort-based dropless dispatch, grouped matmuls.
@@ -317,19 +374,45 @@ def moezoo_experts_forward(self: _ExpertsBase, hidden_states: torch.Tensor, top_
     """
     if hidden_states.dim() != 2:
         raise ValueError(f"hidden_states must be (tokens, hidden), got shape {tuple(hidden_states.shape)}")
+    if not isinstance(self, _ExpertsBase):  # a transformers experts class (model.set_experts_implementation("moezoo"))
+        self = _TransformersExpertsView(self)
     order, tok, counts, offs = sort_by_expert(top_k_index, self.num_experts)
     w = top_k_weights.reshape(-1)[order]
     W1, W2 = self.in_proj, self.down_proj
     if hidden_states.dtype != W1.dtype:
         hidden_states = hidden_states.to(W1.dtype)
-    use_gmm = _has_grouped_mm(hidden_states.device) and (hidden_states.device.type != "cuda" or W1.dtype == torch.bfloat16)
+    # CUDA (sm80+): one grouped-mm kernel per projection.  CPU: a per-expert ``torch.mm`` loop writing into one
+    # buffer measured faster than torch's CPU grouped-mm kernel (eval/speed/moe_layer.py).
+    use_gmm = hidden_states.device.type == "cuda" and _has_grouped_mm(hidden_states.device)
+    if hidden_states.device.type == "cpu" and not _MALLOC_TUNED:
+        tune_cpu_allocator()
     counts_list = counts.tolist()
-    if use_gmm and hidden_states.device.type == "cpu":
-        # the CPU grouped-mm kernel wants 16-byte aligned operands
-        use_gmm = all(t.data_ptr() % 16 == 0 for t in (W1, W2, hidden_states))
     b1 = self.in_proj_bias
     b2 = self.down_proj_bias if self._bias else None
-    return _SortedExpertsFunction.apply(hidden_states, tok, w, offs, counts_list, W1, W2, b1, b2, self._apply_gate, use_gmm)
+    fast_swiglu = self.gated and not self.up_first and self.hidden_act in ("silu", "swish") and type(self)._apply_gate is _ExpertsBase._apply_gate
+    return _SortedExpertsFunction.apply(hidden_states, tok, w, offs, counts_list, W1, W2, b1, b2, self._apply_gate,
+                                        use_gmm, fast_swiglu)
+
+
+class _TransformersExpertsView:
+    """The attributes ``moezoo_experts_forward`` reads, taken from a transformers ``@use_experts_implementation`` class
+    (Mixtral/Qwen2-MoE/DeepSeek-V3/OLMoE experts...), so ``"moezoo"`` also runs transformers' own models."""
+
+    def __init__(self, module):
+        if getattr(module, "is_transposed", False) or not getattr(module, "is_concatenated", True) \
+                or getattr(module, "has_post_expert_norm", False):
+            raise ValueError(f"experts_implementation='moezoo' supports concatenated, non-transposed experts without a "
+                             f"post-expert norm; {type(module).__name__} is not")
+        has_gate = getattr(module, "has_gate", True)
+        self.num_experts = module.num_experts
+        self.in_proj = module.gate_up_proj if has_gate else module.up_proj
+        self.down_proj = module.down_proj
+        self._bias = bool(getattr(module, "has_bias", False))
+        self.in_proj_bias = (module.gate_up_proj_bias if has_gate else module.up_proj_bias) if self._bias else None
+        self.down_proj_bias = module.down_proj_bias if self._bias else None
+        # hidden_act=None: never moezoo's SwiGLU fast path, the module's own gate function runs
+        self.gated, self.up_first, self.hidden_act = has_gate, False, None
+        self._apply_gate = module._apply_gate if has_gate else module.act_fn
 
 
 ALL_EXPERTS_FUNCTIONS.register(DEFAULT_EXPERTS_IMPLEMENTATION, moezoo_experts_forward)
