@@ -4,9 +4,21 @@ from .experts import (BiasedExperts, Experts, ExpertsImplementationConfig, Plain
 from .dispatch import apply_capacity, expert_capacity
 from .layer import MoELayer
 from .routers import ROUTERS, RouterOutput, TopKRouter, build_router, register_router
+from .routers import ExpertChoiceRouter
+from .routers import ConditionRouter, ModalityRouter, PooledRouter, next_token_modality_ids
+from .modules import CameraRouter, SceneRouter
+from .stats import RoutingStats, expert_load, routing_entropy
+from .losses import CoefficientSchedule, null_expert_usage, switch_balance_loss, update_selection_bias
+from .upcycle import UpcycledMoE, collect_router_outputs, upcycle_model, upcycled_balance_loss
+from .parallel import base_model_ep_plan, distribute_experts, ep_plan
 
 __all__ = [
     "BiasedExperts", "Experts", "ExpertsImplementationConfig", "PlainBiasedExperts", "PlainExperts", "SharedExpert",
     "ZeroFlopExperts", "build_experts", "moezoo_experts_forward", "apply_capacity", "expert_capacity", "MoELayer",
     "ROUTERS", "RouterOutput", "TopKRouter", "build_router", "register_router",
+    "ExpertChoiceRouter", "RoutingStats", "expert_load", "routing_entropy", "CoefficientSchedule", "null_expert_usage",
+    "switch_balance_loss", "update_selection_bias",
+    "ConditionRouter", "ModalityRouter", "PooledRouter", "next_token_modality_ids", "CameraRouter", "SceneRouter",
+    "UpcycledMoE", "collect_router_outputs", "upcycle_model", "upcycled_balance_loss", "base_model_ep_plan",
+    "distribute_experts", "ep_plan",
 ]

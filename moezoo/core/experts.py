@@ -209,6 +209,68 @@ def _has_grouped_mm(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+class BufferPool:
+    """Reuses the large CPU buffers of the experts kernel once nothing but the pool references them.
+
+    A buffer handed out is a view of a pooled flat tensor; it becomes free again when every view of it is gone
+    (storage use count back to the pool's own reference), e.g. after autograd released the saved tensors, or after
+    ``AccumulateGrad`` added a weight gradient into ``.grad``.  A gradient that autograd kept (as ``.grad``) or that a
+    caller still holds is never reused.  This avoids the page faults of fresh multi-hundred-MB allocations at every
+    step, which cost more than the elementwise arithmetic of the layer.  ``empty_cache()`` drops the free buffers.
+    """
+
+    min_bytes = 1 << 20
+
+    def __init__(self, max_free_bytes: int = 4 << 30):
+        import threading
+
+        self._bufs: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+        self.max_free_bytes = max_free_bytes
+
+    @staticmethod
+    def _in_use(buf: torch.Tensor) -> bool:
+        # the temporary storage object made by untyped_storage() holds one reference, the pool another
+        return torch._C._storage_Use_Count(buf.untyped_storage()._cdata) > 2
+
+    def empty(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        numel = math.prod(shape)
+        if device.type != "cpu" or numel * torch.finfo(dtype).bits // 8 < self.min_bytes:
+            return torch.empty(shape, dtype=dtype, device=device)
+        with self._lock:
+            best = None
+            for buf in self._bufs:
+                if buf.dtype == dtype and numel <= buf.numel() <= numel + numel // 4 and not self._in_use(buf):
+                    if best is None or buf.numel() < best.numel():
+                        best = buf
+            if best is None:
+                best = torch.empty(numel + numel // 8, dtype=dtype, device=device)
+                self._bufs.append(best)
+                self._trim()
+            return best[:numel].view(shape)
+
+    def _trim(self) -> None:
+        free = [b for b in self._bufs if not self._in_use(b)]
+        total = sum(b.numel() * b.element_size() for b in free)
+        for b in sorted(free, key=lambda t: t.numel()):
+            if total <= self.max_free_bytes:
+                break
+            self._bufs.remove(b)
+            total -= b.numel() * b.element_size()
+
+    def empty_cache(self) -> None:
+        with self._lock:
+            self._bufs = [b for b in self._bufs if self._in_use(b)]
+
+
+POOL = BufferPool()
+
+
+def empty_cache() -> None:
+    """Release the CPU buffers the experts kernel keeps for reuse."""
+    POOL.empty_cache()
+
+
 def _loop_mm(a: torch.Tensor, b: torch.Tensor, counts: list[int], transposed_out: bool = False) -> torch.Tensor:
     """Rows of ``a`` grouped by ``counts`` times ``b[e]`` (K, N) -> (S, N), one ``torch.mm`` per expert.
 
@@ -216,10 +278,10 @@ def _loop_mm(a: torch.Tensor, b: torch.Tensor, counts: list[int], transposed_out
     the small-M products ~20% faster with the long dimension first, and the elementwise ops that follow keep the layout.
     """
     if transposed_out:
-        out_t = a.new_empty(b.shape[-1], a.shape[0])
+        out_t = POOL.empty((b.shape[-1], a.shape[0]), a.dtype, a.device)
         out = out_t.t()
     else:
-        out = a.new_empty(a.shape[0], b.shape[-1])
+        out = POOL.empty((a.shape[0], b.shape[-1]), a.dtype, a.device)
     start = 0
     for e, n in enumerate(counts):
         if n:
@@ -232,7 +294,7 @@ def _loop_mm(a: torch.Tensor, b: torch.Tensor, counts: list[int], transposed_out
 
 
 def _loop_wgrad(a_t: torch.Tensor, b: torch.Tensor, counts: list[int], shape) -> torch.Tensor:
-    out = a_t.new_empty(shape)
+    out = POOL.empty(tuple(shape), a_t.dtype, a_t.device)
     start = 0
     for e, n in enumerate(counts):
         if n:
@@ -253,7 +315,7 @@ class _SortedExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, tok, w, offs, counts, W1, W2, b1, b2, gate_fn, use_gmm, fast_swiglu):
-        xs = x.index_select(0, tok)
+        xs = torch.index_select(x, 0, tok, out=POOL.empty((tok.shape[0], x.shape[1]), x.dtype, x.device))
         W1t = W1.transpose(-2, -1)
         W2t = W2.transpose(-2, -1)
         h = _gmm(xs, W1t, offs) if use_gmm else _loop_mm(xs, W1t, counts)
@@ -261,8 +323,8 @@ class _SortedExpertsFunction(torch.autograd.Function):
             h = h + b1.repeat_interleave(torch.tensor(counts, device=h.device), dim=0, output_size=h.shape[0])
         if fast_swiglu:
             g, u = h.chunk(2, dim=-1)
-            sg = F.silu(g)
-            a = sg * u
+            sg = torch.ops.aten.silu.out(g, out=POOL.empty(g.shape, g.dtype, g.device))
+            a = torch.mul(sg, u, out=POOL.empty(g.shape, g.dtype, g.device))
         else:
             sg = None
             a = gate_fn(h)
@@ -270,7 +332,7 @@ class _SortedExpertsFunction(torch.autograd.Function):
         if b2 is not None:
             y = y + b2.repeat_interleave(torch.tensor(counts, device=y.device), dim=0, output_size=y.shape[0])
         out = torch.zeros_like(x)
-        out.index_add_(0, tok, y * w.unsqueeze(-1).to(y.dtype))
+        out.index_add_(0, tok, torch.mul(y, w.unsqueeze(-1).to(y.dtype), out=POOL.empty(y.shape, y.dtype, y.device)))
         ctx.save_for_backward(xs, tok, w, offs, h, sg, a, y, W1, W2)
         ctx.counts, ctx.gate_fn, ctx.use_gmm, ctx.fast_swiglu = counts, gate_fn, use_gmm, fast_swiglu
         ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
@@ -281,14 +343,15 @@ class _SortedExpertsFunction(torch.autograd.Function):
         xs, tok, w, offs, h, sg, a, y, W1, W2 = ctx.saved_tensors
         counts, use_gmm = ctx.counts, ctx.use_gmm
         grad_out = grad_out.contiguous()
-        gos = grad_out.index_select(0, tok)
+        gos = torch.index_select(grad_out, 0, tok, out=POOL.empty((tok.shape[0], grad_out.shape[1]), grad_out.dtype,
+                                                                   grad_out.device))
         grad_w = torch.linalg.vecdot(gos, y).to(w.dtype) if ctx.needs_input_grad[2] else None
         dy = gos.mul_(w.unsqueeze(-1).to(gos.dtype))
         da = _gmm(dy, W2, offs) if use_gmm else _loop_mm(dy, W2, counts)
         if ctx.fast_swiglu:
             g, u = h.chunk(2, dim=-1)
             inter = g.shape[-1]
-            dh = torch.empty_like(h)
+            dh = POOL.empty(h.shape, h.dtype, h.device)
             torch.mul(da, sg, out=dh[:, inter:])
             torch.ops.aten.silu_backward.grad_input(da.mul_(u), g, grad_input=dh[:, :inter])
         else:

@@ -31,7 +31,9 @@ class MoELayer(nn.Module):
         experts_config: object carrying ``_experts_implementation`` (the model config inside moezoo models).
 
     ``forward(hidden_states (..., H), **signals)`` returns ``(output (..., H), RouterOutput)``; ``signals`` go to the
-    router (``condition=``, ``modality_ids=``, ``gate_residual=``, ``attention_mask=`` ...).
+    router (``condition=``, ``modality_ids=``, ``gate_residual=``, ``attention_mask=`` ...). A router whose class sets
+    ``uses_token_shape = True`` (per-sample routers) also gets ``token_shape=`` = the leading shape ``(B, S)`` of
+    ``hidden_states`` (unless the caller passes one).
     """
 
     def __init__(self, *, hidden_size: int, num_experts: int, num_experts_per_tok: int = 2, moe_intermediate_size: int,
@@ -65,7 +67,9 @@ class MoELayer(nn.Module):
             kwargs = dict(router_kwargs or {})
             kwargs.setdefault("hidden_size", hidden_size)
             kwargs.setdefault("num_experts", self.num_routable)
-            if router_type in ("topk",):
+            if router_type in ("topk", "topk_null", "moepp", "expert_choice"):
+                kwargs.setdefault("top_k", num_experts_per_tok)
+            if router_type in ("condition", "pooled", "modality"):
                 kwargs.setdefault("top_k", num_experts_per_tok)
             router = build_router(router_type, **kwargs)
         self.gate = router
@@ -95,6 +99,8 @@ class MoELayer(nn.Module):
                              f"expected hidden_size={self.hidden_size}")
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)
+        if getattr(self.gate, "uses_token_shape", False):  # per-sample routers need the (batch, seq) grouping
+            signals.setdefault("token_shape", tuple(shape[:-1]))
         ro = self.route(x, **signals)
         out = self.combine(x, ro)
         return out.reshape(shape), ro
@@ -106,7 +112,9 @@ class MoELayer(nn.Module):
         E = self.num_experts
         routed = idx < E
         impl = getattr(self.experts.config, "_experts_implementation", None)
-        if impl in _SENTINEL_AWARE:
+        # transformers' expert parallelism (``_is_expert_parallel``, set by its "grouped_gemm" style) counts tokens per
+        # global expert id, so sentinels must not reach it (moezoo.core.parallel)
+        if impl in _SENTINEL_AWARE and not getattr(self.experts, "_is_expert_parallel", False):
             ridx = torch.where(routed, idx, E)
             rw = w
         else:  # transformers' kernels: point empty slots at expert 0 with weight 0

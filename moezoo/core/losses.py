@@ -1,9 +1,16 @@
 """Auxiliary losses of the shared backbone. Each takes router outputs (or their tensors) and returns a scalar."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .routers import RouterOutput
+from .stats import expert_counts
+
+
+def _dist_ready() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _token_mask(mask: torch.Tensor | None, n_tokens: int, device) -> torch.Tensor | None:
@@ -16,29 +23,56 @@ def _token_mask(mask: torch.Tensor | None, n_tokens: int, device) -> torch.Tenso
 
 
 def switch_balance_loss(router_outputs: RouterOutput | list[RouterOutput], *, num_experts: int | None = None,
-                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Switch/Mixtral load-balancing loss ``E * sum_e f_e * P_e`` (micro-batch).
+                        attention_mask: torch.Tensor | None = None, global_batch: bool = False,
+                        group=None) -> torch.Tensor:
+    """Switch/Mixtral load-balancing loss ``E * sum_e f_e * P_e`` (micro-batch, or global-batch).
 
     ``f_e`` is the fraction of routing slots (token x top-k) sent to expert e, ``P_e`` the mean router probability.
-    Several layers are concatenated along tokens, as transformers' ``load_balancing_loss_func`` does.
-    ``num_experts`` defaults to the router's full expert space (zero-FLOP experts included).
+    Several layers are concatenated along tokens, as transformers' ``load_balancing_loss_func`` does (the layers may
+    have different slot widths, e.g. top-p or expert-choice routers). ``num_experts`` defaults to the router's full
+    expert space (zero-FLOP experts included); sentinel slots count for no expert.
+
+    ``global_batch=True`` (Qwen's global-batch balance): when ``torch.distributed`` is initialised, the expert slot
+    counts and token counts are summed over the ranks of ``group`` (all-reduce, no gradient) so ``f_e`` is the
+    global-batch frequency, and the local probability sums are normalised by the global token count times the world
+    size. The *mean over ranks* of the returned loss is then exactly the loss of the concatenated global batch, and
+    so is its data-parallel-averaged gradient (DDP / accelerate average gradients), whatever each rank's token count.
+    Without an initialised process group it equals the micro-batch loss.
     """
     if isinstance(router_outputs, RouterOutput):
         router_outputs = [router_outputs]
-    probs = torch.cat([ro.probs.reshape(-1, ro.probs.shape[-1]).float() for ro in router_outputs], 0)
+    if not router_outputs:
+        raise ValueError("router_outputs must hold at least one RouterOutput")
     R = router_outputs[0].num_experts
     E = num_experts or R
-    sel = torch.cat([ro.indices.reshape(-1, ro.indices.shape[-1]) for ro in router_outputs], 0)
-    onehot = torch.zeros(sel.shape[0], sel.shape[1], R + 1, device=probs.device).scatter_(2, sel.unsqueeze(-1), 1.0)[..., :R]
-    mask = _token_mask(attention_mask.repeat(len(router_outputs), *([1] * (attention_mask.dim() - 1)))
-                       if attention_mask is not None else None, probs.shape[0], probs.device)
-    if mask is None:
-        f = onehot.mean(0)  # (k, R)
-        p = probs.mean(0)
+    device = router_outputs[0].probs.device
+    counts = torch.zeros(R, dtype=torch.float32, device=device)
+    prob_sum = torch.zeros(R, dtype=torch.float32, device=device)
+    n_tokens = torch.zeros((), dtype=torch.float32, device=device)
+    for ro in router_outputs:
+        if ro.num_experts != R:
+            raise ValueError(f"all router_outputs must share num_experts; got {ro.num_experts} and {R}")
+        probs = ro.probs.reshape(-1, R).float()
+        mask = _token_mask(attention_mask, probs.shape[0], device)
+        counts = counts + expert_counts(ro, attention_mask).to(device)
+        if mask is None:
+            prob_sum = prob_sum + probs.sum(0)
+            n_tokens = n_tokens + probs.shape[0]
+        else:
+            prob_sum = prob_sum + (probs * mask[:, None]).sum(0)
+            n_tokens = n_tokens + mask.sum()
+    if global_batch and _dist_ready():
+        import torch.distributed as dist
+
+        buf = torch.cat([counts, n_tokens.reshape(1)]).detach()
+        dist.all_reduce(buf, group=group)
+        world = dist.get_world_size(group)
+        f = buf[:R] / buf[R].clamp_min(1e-30)
+        p = prob_sum * (world / buf[R].clamp_min(1e-30))
     else:
-        f = (onehot * mask[:, None, None]).sum(0) / mask.sum()
-        p = (probs * mask[:, None]).sum(0) / mask.sum()
-    return (f * p.unsqueeze(0)).sum() * E
+        f = counts / n_tokens.clamp_min(1e-30)
+        p = prob_sum / n_tokens.clamp_min(1e-30)
+    return (f * p).sum() * E
 
 
 def router_z_loss(router_outputs: RouterOutput | list[RouterOutput]) -> torch.Tensor:
@@ -47,3 +81,292 @@ def router_z_loss(router_outputs: RouterOutput | list[RouterOutput]) -> torch.Te
         router_outputs = [router_outputs]
     logits = torch.cat([ro.logits.reshape(-1, ro.logits.shape[-1]).float() for ro in router_outputs], 0)
     return torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+def _load_vector(load, attention_mask=None) -> torch.Tensor:
+    """(R,) float32 expert load from counts/fractions, a RouterOutput, or a list of RouterOutputs (summed)."""
+    if isinstance(load, RouterOutput):
+        return expert_counts(load, attention_mask)
+    if isinstance(load, (list, tuple)) and load and all(isinstance(x, RouterOutput) for x in load):
+        R = load[0].num_experts
+        if any(ro.num_experts != R for ro in load):
+            raise ValueError("all router outputs in `load` must share num_experts")
+        return sum(expert_counts(ro, attention_mask) for ro in load)
+    if isinstance(load, torch.Tensor) and load.dim() == 1:
+        return load.detach().float()
+    raise ValueError("load must be an (R,) tensor of expert counts or fractions, a RouterOutput or a list of them; "
+                     f"got {type(load).__name__}{'' if not isinstance(load, torch.Tensor) else tuple(load.shape)}")
+
+
+@torch.no_grad()
+def update_selection_bias(router, load, gamma: float = 1e-3, *, attention_mask: torch.Tensor | None = None,
+                          group=None, all_reduce: bool = True) -> torch.Tensor:
+    """DeepSeek-V3 auxiliary-loss-free balancing: ``bias_e += gamma * sign(mean(load) - load_e)``.
+
+    Call it from the training loop after each step (outside autograd), once per MoE layer::
+
+        out, ro = layer(x)
+        ...
+        update_selection_bias(layer.gate, ro, gamma=1e-3)
+
+    Args:
+        router: a router with an ``e_score_correction_bias`` buffer (``TopKRouter(use_selection_bias=True)``), a module
+            holding one as ``.gate`` (a ``MoELayer``), or the (R,) bias tensor itself (updated in place).
+        load: (R,) slot counts or load fractions per expert, a :class:`RouterOutput`, or a list of them (summed; e.g.
+            the router outputs of the micro-batches of one optimizer step).
+        gamma: bias update speed (DeepSeek-V3 uses 0.001, then 0 for the last part of training).
+        attention_mask: excludes padding tokens when ``load`` holds router outputs.
+        group, all_reduce: when ``torch.distributed`` is initialised the load is summed over ``group`` first, so every
+            data-parallel rank applies the same update and the biases stay identical.
+    Returns the (R,) update that was added. Overloaded experts go down, underloaded ones up; equal loads stay put.
+    """
+    bias = router
+    if isinstance(router, torch.nn.Module):
+        bias = getattr(router, "e_score_correction_bias", None)
+        if bias is None and isinstance(getattr(router, "gate", None), torch.nn.Module):
+            bias = getattr(router.gate, "e_score_correction_bias", None)
+        if bias is None:
+            raise ValueError(f"{type(router).__name__} has no e_score_correction_bias; build the router with "
+                             "use_selection_bias=True")
+    if not isinstance(bias, torch.Tensor) or bias.dim() != 1:
+        raise ValueError("router must be a router module with an e_score_correction_bias or a 1-D bias tensor")
+    if not isinstance(gamma, (int, float)) or gamma < 0:
+        raise ValueError(f"gamma must be a non-negative number, got {gamma!r}")
+    vec = _load_vector(load, attention_mask).to(bias.device)
+    if vec.numel() != bias.numel():
+        raise ValueError(f"load has {vec.numel()} experts, the selection bias {bias.numel()}")
+    if all_reduce and _dist_ready():
+        vec = vec.clone()
+        torch.distributed.all_reduce(vec, group=group)
+    delta = (gamma * torch.sign(vec.mean() - vec)).to(bias.dtype)
+    bias.add_(delta)
+    return delta
+
+
+class CoefficientSchedule:
+    """A loss coefficient as a function of the training step: ``coef = schedule(step)``.
+
+    Args:
+        value: the coefficient after warm-up (and before decay).
+        kind: ``"constant"`` (``value`` always), ``"linear_warmup"`` (0 -> ``value`` linearly over ``warmup_steps``,
+            then constant) or ``"cosine"`` (optional linear warm-up, then cosine from ``value`` to ``final_value`` over
+            ``decay_steps``, then ``final_value``).
+        warmup_steps: linear warm-up length (``linear_warmup`` needs > 0; optional for ``cosine``).
+        decay_steps: cosine length after warm-up (``cosine`` only).
+        final_value: the value the cosine ends at.
+        start_value: the value warm-up starts from (0 by default).
+    """
+
+    KINDS = ("constant", "linear_warmup", "cosine")
+
+    def __init__(self, value: float, kind: str = "constant", *, warmup_steps: int = 0, decay_steps: int | None = None,
+                 final_value: float = 0.0, start_value: float = 0.0):
+        if kind not in self.KINDS:
+            raise ValueError(f"kind must be one of {self.KINDS}, got {kind!r}")
+        if not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be a non-negative int, got {warmup_steps!r}")
+        if kind == "linear_warmup" and warmup_steps == 0:
+            raise ValueError("kind='linear_warmup' needs warmup_steps > 0")
+        if kind == "cosine" and (not isinstance(decay_steps, int) or decay_steps <= 0):
+            raise ValueError(f"kind='cosine' needs decay_steps, a positive int; got {decay_steps!r}")
+        self.value, self.kind, self.warmup_steps = float(value), kind, warmup_steps
+        self.decay_steps, self.final_value, self.start_value = decay_steps, float(final_value), float(start_value)
+
+    def __call__(self, step: int) -> float:
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        if self.kind == "constant":
+            return self.value
+        if step < self.warmup_steps:
+            return self.start_value + (self.value - self.start_value) * step / self.warmup_steps
+        if self.kind == "linear_warmup":
+            return self.value
+        t = min(step - self.warmup_steps, self.decay_steps) / self.decay_steps
+        return self.final_value + 0.5 * (self.value - self.final_value) * (1.0 + math.cos(math.pi * t))
+
+    def __repr__(self) -> str:
+        return (f"CoefficientSchedule(value={self.value}, kind={self.kind!r}, warmup_steps={self.warmup_steps}, "
+                f"decay_steps={self.decay_steps}, final_value={self.final_value})")
+
+
+@torch.no_grad()
+def null_expert_usage(router_outputs: RouterOutput | list[RouterOutput], null_ids,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Fraction of the (non-sentinel) routing slots that went to null experts (a statistic, no gradient).
+
+    ``null_ids``: the null/zero expert ids, e.g. ``layer.zero_flop.null_ids()`` (a range), a list or a tensor.
+    """
+    if isinstance(router_outputs, RouterOutput):
+        router_outputs = [router_outputs]
+    ids = torch.as_tensor(list(null_ids), dtype=torch.long)
+    total = torch.zeros((), dtype=torch.float32)
+    null = torch.zeros((), dtype=torch.float32)
+    for ro in router_outputs:
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= ro.num_experts):
+            raise ValueError(f"null_ids must lie in [0, {ro.num_experts}), got {ids.tolist()}")
+        counts = expert_counts(ro, attention_mask).cpu()
+        total += counts.sum()
+        null += counts[ids].sum()
+    return null / total.clamp_min(1.0)
+
+
+def unimoe_audio_balance_loss(router_outputs: RouterOutput | list[RouterOutput], *, fixed_expert_ids=None,
+                              aux_balance_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """UniMoE-Audio's masked balance loss over the dynamic (top-p) experts, null experts included.
+
+    Over the dynamic columns (all ids except ``fixed_expert_ids``, by default ``extras["fixed_expert_ids"]`` of the
+    router output): ``m`` = 0/1 selection mask (padding tokens select nothing), ``P`` = softmax of the logits with the
+    unselected entries filled with ``finfo.min`` (a token with no selection -> uniform).  The loss is
+    ``D * sum_e f_e * p_e`` with ``f``, ``p`` the token means of ``m`` and ``P`` — weighted means with per-token
+    weights ``aux_balance_weight`` (any shape, one entry per token; e.g. the attention mask, or a 0/1 task weight already
+    multiplied by it) when given.  ``D`` counts the dynamic experts.  Several layers are concatenated along tokens
+    (the weights repeated per layer).  Not multiplied by any coefficient.
+    """
+    if isinstance(router_outputs, RouterOutput):
+        router_outputs = [router_outputs]
+    R = router_outputs[0].num_experts
+    fixed = router_outputs[0].extras.get("fixed_expert_ids", []) if fixed_expert_ids is None else fixed_expert_ids
+    fixed = {int(i) for i in fixed}
+    dyn = torch.tensor([i for i in range(R) if i not in fixed], dtype=torch.long, device=router_outputs[0].logits.device)
+    if dyn.numel() == 0:
+        raise ValueError(f"fixed_expert_ids={sorted(fixed)} leave no dynamic expert among {R}")
+    logits = torch.cat([ro.logits.reshape(-1, R).float().index_select(1, dyn) for ro in router_outputs], 0)
+    mask = torch.cat([ro.expert_mask().reshape(-1, R).index_select(1, dyn) for ro in router_outputs], 0).float()
+    probs = logits.masked_fill(mask == 0, torch.finfo(logits.dtype).min).softmax(dim=-1)
+    if aux_balance_weight is None:
+        f, p = mask.mean(0), probs.mean(0)
+    else:
+        w = aux_balance_weight.reshape(-1).to(device=logits.device, dtype=torch.float32)
+        if w.numel() * len(router_outputs) != logits.shape[0]:
+            raise ValueError(f"aux_balance_weight has {w.numel()} entries, expected one per token "
+                             f"({logits.shape[0] // len(router_outputs)})")
+        w = w.repeat(len(router_outputs))
+        denom = w.sum().clamp_min(torch.finfo(torch.float32).tiny)
+        f = (mask * w[:, None]).sum(0) / denom
+        p = (probs * w[:, None]).sum(0) / denom
+    return (f * p).sum() * dyn.numel()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Conditional-routing losses: DeepSeek sequence-level balance, HiMoE mutual information, per-modality Switch (MoIIE)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def sequence_balance_loss(router_outputs: RouterOutput | list[RouterOutput], *, batch_size: int | None = None,
+                          num_experts: int | None = None, top_k: int | None = None,
+                          attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """DeepSeek's sequence-level balance loss (``seq_aux``), per layer, summed over layers.
+
+    Per sample b: ``ce_e = count_e * E / (S * k)`` (count_e = routing slots of the sample's S tokens sent to e) and
+    ``P_e = mean_t p_e``; the loss is ``mean_b sum_e ce_e * P_e`` (multiply by the coefficient yourself). Tokens are
+    grouped into samples by ``batch_size`` (rows are (B, S) row-major) or by 3-D ``probs``/``indices`` of a reshaped
+    output. ``num_experts`` (E) defaults to the router's expert space; ``top_k`` (k) to the slot width.
+    ``attention_mask`` (B, S): padding is left out of counts and means and S becomes each sample's real length (the
+    official loss has no mask).
+    """
+    if isinstance(router_outputs, RouterOutput):
+        router_outputs = [router_outputs]
+    if not router_outputs:
+        raise ValueError("router_outputs must hold at least one RouterOutput")
+    total = None
+    for ro in router_outputs:
+        R = ro.num_experts
+        E = num_experts or R
+        probs = ro.probs.float()
+        idx = ro.indices
+        if probs.dim() == 3:
+            B = probs.shape[0]
+        elif batch_size is None:
+            raise ValueError("sequence_balance_loss needs batch_size= (flattened (batch*seq) tokens) or a RouterOutput "
+                             "reshaped to (batch, seq, ...)")
+        else:
+            B = batch_size
+        T = probs.reshape(-1, R).shape[0]
+        if not isinstance(B, int) or B <= 0 or T % B:
+            raise ValueError(f"batch_size={B!r} does not divide the {T} tokens of the router output")
+        S = T // B
+        probs = probs.reshape(B, S, R)
+        idx = idx.reshape(B, S, -1)
+        k = top_k or idx.shape[-1]
+        if attention_mask is None:
+            m = torch.ones(B, S, dtype=torch.float32, device=probs.device)
+        else:
+            if attention_mask.numel() != T:
+                raise ValueError(f"attention_mask has {attention_mask.numel()} entries, expected one per token ({T})")
+            m = (attention_mask.reshape(B, S) != 0).to(device=probs.device, dtype=torch.float32)
+        slot_w = m.unsqueeze(-1).expand(B, S, idx.shape[-1]).reshape(B, -1)
+        counts = torch.zeros(B, R + 1, dtype=torch.float32, device=probs.device).scatter_add_(
+            1, idx.reshape(B, -1).clamp(0, R), slot_w)[:, :R]
+        n = m.sum(1, keepdim=True)
+        ce = counts * E / (n * k).clamp_min(1e-30)
+        p = (probs * m.unsqueeze(-1)).sum(1) / n.clamp_min(1e-30)
+        loss = (ce * p).sum(-1).mean()
+        total = loss if total is None else total + loss
+    return total
+
+
+def mutual_information_loss(features, condition: torch.Tensor | None = None, *, temperature: float = 0.1,
+                            threshold: float = 0.99, eps: float = 1e-8) -> torch.Tensor:
+    """HiMoE-VLA's mutual-information (InfoNCE) routing loss over all T tokens.
+
+    ``features`` (T, D) (HiMoE: the router's softmax scores; or a RouterOutput: its ``probs``, and ``condition``
+    defaults to its ``extras["condition"]``) are L2-normalised; ``sim = exp(f f^T / temperature)``. Positives of token i
+    are the OTHER tokens j whose normalised conditions have cosine ``> threshold`` (same sample, or an identical
+    condition elsewhere); ``loss = mean_i -log(sum_pos sim / (sum_all sim + eps) + eps)`` (denominator includes i
+    itself). Computed with the exponent shifted by ``-1/temperature`` (same value, no overflow for small temperatures).
+    Memory is O(T^2). Multiply by the coefficient yourself (HiMoE ``aux_loss_alpha``).
+    """
+    if isinstance(features, RouterOutput):
+        if condition is None:
+            condition = features.extras.get("condition")
+        features = features.probs
+    if condition is None:
+        raise ValueError("mutual_information_loss needs condition= (tokens, condition_dim), one row per token")
+    f = features.reshape(-1, features.shape[-1]).float()
+    c = condition.reshape(-1, condition.shape[-1]).float().to(f.device)
+    if c.shape[0] != f.shape[0]:
+        raise ValueError(f"condition has {c.shape[0]} rows, expected one per token ({f.shape[0]})")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    f = torch.nn.functional.normalize(f, dim=-1)
+    cn = torch.nn.functional.normalize(c, dim=-1)
+    pos = (cn @ cn.T) > threshold
+    pos.fill_diagonal_(False)
+    shift = 1.0 / temperature
+    sim = torch.exp(f @ f.T / temperature - shift)
+    num = (sim * pos).sum(1)
+    den = sim.sum(1) + eps * math.exp(-shift)
+    return (-torch.log(num / den + eps)).mean()
+
+
+def modality_balance_loss(router_output: RouterOutput, *, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-modality Switch balance loss of a :class:`moezoo.core.routers.ModalityRouter` output -> (M,) losses.
+
+    For modality m, over its tokens (``attention_mask`` entries of those tokens as the mask): the Switch loss in the
+    modality's own pool — ``w_m * sum_e f_e P_e`` with ``f`` the masked fraction of routing slots (per rank slot, summed)
+    and ``P`` the mean probability over the pool (MoIIE's ``load_balancing_loss_func`` on each modality's router logits,
+    times the gate width, not E). A modality without tokens gives 0. Multiply by the per-modality coefficients yourself.
+    """
+    ex = router_output.extras
+    if "pool_token_index" not in ex or "expert_pools" not in ex:
+        raise ValueError("modality_balance_loss needs the output of a ModalityRouter (extras pool_token_index, "
+                         "expert_pools)")
+    R = router_output.num_experts
+    probs_all = router_output.probs.reshape(-1, R)
+    k = router_output.indices.shape[-1]
+    mask = None
+    if attention_mask is not None:
+        mask = attention_mask.reshape(-1)
+        if mask.numel() != probs_all.shape[0]:
+            raise ValueError(f"attention_mask has {mask.numel()} entries, expected one per token ({probs_all.shape[0]})")
+    losses = []
+    for rows, pool in zip(ex["pool_token_index"], ex["expert_pools"]):
+        if rows.numel() == 0:
+            losses.append(probs_all.new_zeros((), dtype=torch.float32))
+            continue
+        cols = torch.as_tensor(pool, dtype=torch.long, device=probs_all.device)
+        p = probs_all[rows][:, cols].float()
+        local = p.topk(k, dim=-1).indices
+        sub = RouterOutput(p, p, local, torch.ones_like(p[:, :k]), torch.full_like(local[:, 0], k), len(pool))
+        losses.append(switch_balance_loss(sub, attention_mask=None if mask is None else mask[rows.to(mask.device)]))
+    return torch.stack(losses)
