@@ -271,24 +271,13 @@ def empty_cache() -> None:
     POOL.empty_cache()
 
 
-def _loop_mm(a: torch.Tensor, b: torch.Tensor, counts: list[int], transposed_out: bool = False) -> torch.Tensor:
-    """Rows of ``a`` grouped by ``counts`` times ``b[e]`` (K, N) -> (S, N), one ``torch.mm`` per expert.
-
-    ``transposed_out`` computes ``(b[e]^T a_e^T)`` into an (N, S) buffer and returns its (S, N) transposed view: MKL runs
-    the small-M products ~20% faster with the long dimension first, and the elementwise ops that follow keep the layout.
-    """
-    if transposed_out:
-        out_t = POOL.empty((b.shape[-1], a.shape[0]), a.dtype, a.device)
-        out = out_t.t()
-    else:
-        out = POOL.empty((a.shape[0], b.shape[-1]), a.dtype, a.device)
+def _loop_mm(a: torch.Tensor, b: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Rows of ``a`` grouped by ``counts`` times ``b[e]`` (K, N) -> (S, N), one ``torch.mm`` per expert into one buffer."""
+    out = POOL.empty((a.shape[0], b.shape[-1]), a.dtype, a.device)
     start = 0
     for e, n in enumerate(counts):
         if n:
-            if transposed_out:
-                torch.mm(b[e].t(), a[start:start + n].t(), out=out_t[:, start:start + n])
-            else:
-                torch.mm(a[start:start + n], b[e], out=out[start:start + n])
+            torch.mm(a[start:start + n], b[e], out=out[start:start + n])
             start += n
     return out
 
@@ -405,8 +394,9 @@ def tune_cpu_allocator(force: bool = False) -> bool:
     allocation and page-faulted in on first touch, which costs more than the arithmetic of the elementwise ops of an
     MoE layer (and of a dense FFN) at training sizes.  Raising the mmap and trim thresholds lets ``malloc`` reuse freed
     memory, like the CUDA caching allocator does on GPU; the price is that the process keeps its peak heap.
-    moezoo calls this once, the first time its CPU experts kernel runs; it affects the whole process, is a no-op
-    where glibc is absent, and is disabled by ``MOEZOO_TUNE_MALLOC=0``.  Returns whether the setting was applied.
+    moezoo's own kernel does not need it (its :class:`BufferPool` reuses its buffers); this opt-in speeds up the rest
+    of a CPU training step (dense layers, attention).  It affects the whole process, is a no-op where glibc is absent
+    or when ``MOEZOO_TUNE_MALLOC=0``.  Returns whether the setting was applied.
     """
     global _MALLOC_TUNED
     if _MALLOC_TUNED and not force:
@@ -447,8 +437,6 @@ def moezoo_experts_forward(self: _ExpertsBase, hidden_states: torch.Tensor, top_
     # CUDA (sm80+): one grouped-mm kernel per projection.  CPU: a per-expert ``torch.mm`` loop writing into one
     # buffer measured faster than torch's CPU grouped-mm kernel (eval/speed/moe_layer.py).
     use_gmm = hidden_states.device.type == "cuda" and _has_grouped_mm(hidden_states.device)
-    if hidden_states.device.type == "cpu" and not _MALLOC_TUNED:
-        tune_cpu_allocator()
     counts_list = counts.tolist()
     b1 = self.in_proj_bias
     b2 = self.down_proj_bias if self._bias else None

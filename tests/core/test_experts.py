@@ -64,3 +64,61 @@ def test_bad_sizes():
         build_experts(num_experts=0, hidden_size=8, intermediate_size=8)
     with pytest.raises(ValueError, match="hidden_act"):
         build_experts(num_experts=2, hidden_size=8, intermediate_size=8, hidden_act="tanhh")
+
+
+def test_buffer_pool_never_hands_out_a_referenced_buffer():
+    from moezoo.core.experts import BufferPool
+
+    pool = BufferPool()
+    a = pool.empty((512, 1024), torch.float32, torch.device("cpu"))
+    b = pool.empty((512, 1024), torch.float32, torch.device("cpu"))
+    assert a.data_ptr() != b.data_ptr()
+    ptr = a.data_ptr()
+    del a
+    c = pool.empty((512, 1024), torch.float32, torch.device("cpu"))
+    assert c.data_ptr() == ptr  # freed buffer reused
+    pool.empty_cache()
+    assert c.data_ptr() == ptr and c.shape == (512, 1024)
+
+
+def _big_layer():
+    torch.manual_seed(0)
+    # big enough (>= 1 MiB temporaries) that the buffer pool is used
+    return MoELayer(hidden_size=64, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256)
+
+
+def test_pool_is_safe_under_retain_graph_and_repeated_calls():
+    layer = _big_layer()
+    x1, x2 = torch.randn(2048, 64), torch.randn(2048, 64)
+
+    def grads(impl, retain):
+        layer.experts.config._experts_implementation = impl
+        layer.zero_grad(set_to_none=True)
+        xa, xb = x1.clone().requires_grad_(True), x2.clone().requires_grad_(True)
+        ya, _ = layer(xa)
+        yb, _ = layer(xb)  # the same layer twice before any backward
+        loss = (ya * torch.linspace(-1, 1, 64)).sum() + (yb ** 2).mean()
+        loss.backward(retain_graph=retain)
+        if retain:
+            loss.backward()  # second backward through the same saved buffers
+        return [xa.grad, xb.grad, layer.experts.gate_up_proj.grad.clone(), layer.experts.down_proj.grad.clone(),
+                layer.gate.weight.grad.clone()]
+
+    for retain in (False, True):
+        fast = grads("moezoo", retain)
+        ref = grads("eager", retain)
+        for a, b in zip(fast, ref):
+            torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)
+
+
+def test_gradients_kept_by_caller_are_not_overwritten():
+    layer = _big_layer()
+    x = torch.randn(2048, 64)
+    params = [layer.experts.gate_up_proj, layer.experts.down_proj]
+    y, _ = layer(x)
+    g1 = torch.autograd.grad(y.sum(), params)
+    kept = [g.clone() for g in g1]
+    y2, _ = layer(torch.randn(2048, 64))
+    torch.autograd.grad(y2.sum() * 3, params)
+    for g, k in zip(g1, kept):
+        assert torch.equal(g, k)
