@@ -21,7 +21,7 @@ from moezoo import convert as convert_mod  # noqa: E402
 from moezoo.cli import main  # noqa: E402
 from moezoo.core import MoELayer  # noqa: E402
 
-SHARED = Path(os.environ.get("MOEZOO_PARITY_DIR", "/work/shared/parity"))
+SHARED = Path(os.environ.get("MOEZOO_PARITY_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "parity"))
 
 
 def run(argv, capsys):

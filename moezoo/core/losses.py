@@ -5,21 +5,12 @@ import math
 
 import torch
 
-from .routers import RouterOutput
+from .routers import RouterOutput, token_mask_weights
 from .stats import expert_counts
 
 
 def _dist_ready() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _token_mask(mask: torch.Tensor | None, n_tokens: int, device) -> torch.Tensor | None:
-    if mask is None:
-        return None
-    mask = mask.reshape(-1).to(device=device, dtype=torch.float32)
-    if mask.numel() != n_tokens:
-        raise ValueError(f"attention_mask has {mask.numel()} entries, expected one per token ({n_tokens})")
-    return mask
 
 
 def switch_balance_loss(router_outputs: RouterOutput | list[RouterOutput], *, num_experts: int | None = None,
@@ -53,7 +44,7 @@ def switch_balance_loss(router_outputs: RouterOutput | list[RouterOutput], *, nu
         if ro.num_experts != R:
             raise ValueError(f"all router_outputs must share num_experts; got {ro.num_experts} and {R}")
         probs = ro.probs.reshape(-1, R).float()
-        mask = _token_mask(attention_mask, probs.shape[0], device)
+        mask = token_mask_weights(attention_mask, probs.shape[0], device)
         counts = counts + expert_counts(ro, attention_mask).to(device)
         if mask is None:
             prob_sum = prob_sum + probs.sum(0)

@@ -295,8 +295,8 @@ def check_top_p(top_p) -> float:
     return float(top_p)
 
 
-def token_keep_mask(attention_mask: torch.Tensor | None, n_tokens: int, device) -> torch.Tensor | None:
-    """A padding mask of any shape with one entry per token -> (T,) bool (True = real token), or None."""
+def token_mask_weights(attention_mask: torch.Tensor | None, n_tokens: int, device) -> torch.Tensor | None:
+    """A padding mask of any shape with one entry per token -> (T,) float32 weights (0 = padding), or None."""
     if attention_mask is None:
         return None
     if not torch.is_tensor(attention_mask):
@@ -304,7 +304,13 @@ def token_keep_mask(attention_mask: torch.Tensor | None, n_tokens: int, device) 
     m = attention_mask.reshape(-1)
     if m.numel() != n_tokens:
         raise ValueError(f"attention_mask has {m.numel()} entries, expected one per token ({n_tokens})")
-    return m.to(device) != 0
+    return m.to(device=device, dtype=torch.float32)
+
+
+def token_keep_mask(attention_mask: torch.Tensor | None, n_tokens: int, device) -> torch.Tensor | None:
+    """A padding mask of any shape with one entry per token -> (T,) bool (True = real token), or None."""
+    m = token_mask_weights(attention_mask, n_tokens, device)
+    return None if m is None else m != 0
 
 
 def sparsemixer_eval_multipliers(sorted_logits: torch.Tensor, eps: float) -> torch.Tensor:

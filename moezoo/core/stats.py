@@ -18,18 +18,9 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
-from .routers import RouterOutput
+from .routers import RouterOutput, token_mask_weights
 
 __all__ = ["expert_load", "expert_counts", "routing_entropy", "RoutingStats"]
-
-
-def _flat_mask(attention_mask: torch.Tensor | None, n_tokens: int, device) -> torch.Tensor | None:
-    if attention_mask is None:
-        return None
-    mask = attention_mask.reshape(-1).to(device=device, dtype=torch.float32)
-    if mask.numel() != n_tokens:
-        raise ValueError(f"attention_mask has {mask.numel()} entries, expected one per routed token ({n_tokens})")
-    return mask
 
 
 def expert_counts(router_output: RouterOutput, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -38,7 +29,7 @@ def expert_counts(router_output: RouterOutput, attention_mask: torch.Tensor | No
         raise ValueError(f"router_output must be a RouterOutput, got {type(router_output).__name__}")
     R = router_output.num_experts
     idx = router_output.indices.reshape(-1, router_output.indices.shape[-1]).detach()
-    mask = _flat_mask(attention_mask, idx.shape[0], idx.device)
+    mask = token_mask_weights(attention_mask, idx.shape[0], idx.device)
     w = torch.ones(idx.shape, dtype=torch.float32, device=idx.device)
     if mask is not None:
         w = w * mask[:, None]
@@ -60,7 +51,7 @@ def routing_entropy(router_output: RouterOutput, attention_mask: torch.Tensor | 
     p = router_output.probs.reshape(-1, router_output.probs.shape[-1]).detach().float().clamp_min(0)
     p = p / p.sum(-1, keepdim=True).clamp_min(1e-30)
     ent = -(p * p.clamp_min(1e-30).log()).sum(-1)
-    mask = _flat_mask(attention_mask, ent.shape[0], ent.device)
+    mask = token_mask_weights(attention_mask, ent.shape[0], ent.device)
     if mask is None:
         return ent.mean() if ent.numel() else ent.new_zeros(())
     return (ent * mask).sum() / mask.sum().clamp_min(1.0)
@@ -133,7 +124,7 @@ class RoutingStats:
         counts = expert_counts(router_output, attention_mask)
         acc.counts += counts.double().cpu()
         T = router_output.indices.reshape(-1, router_output.indices.shape[-1]).shape[0]
-        mask = _flat_mask(attention_mask, T, router_output.indices.device)
+        mask = token_mask_weights(attention_mask, T, router_output.indices.device)
         n_tok = float(T if mask is None else mask.sum())
         ept = router_output.experts_per_token.reshape(-1).float()
         ept_sum = float(ept.sum() if mask is None else (ept * mask).sum())

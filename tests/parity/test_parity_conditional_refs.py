@@ -1,7 +1,7 @@
 """Parity of the conditional-routing block references: HiMoE-VLA (AS-MoE / HB-MoE), DriveMoE (action MoE + routers),
 MoIIE (modality-split MoE block).
 
-1. The shared fixtures in ``/work/shared/parity`` reproduce exactly (every out.* ok).
+1. The shared fixtures in ``../shared/parity`` (or ``$MOEZOO_PARITY_DIR``) reproduce exactly (every out.* ok).
 2. For each reference, a DIFFERENT config (other sizes, expert counts, top-k, condition size, labels, shared-expert
    counts) with random weights in the official key layout; the expected out.* are computed by small plain-torch
    re-implementations written here from the folders' README quirks (no moezoo code), written to a temporary folder in
@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from moezoo.parity import ParityError, run_parity
 
-SHARED = Path("/work/shared/parity")
+SHARED = Path(os.environ.get("MOEZOO_PARITY_DIR", Path(__file__).resolve().parents[2].parent / "shared" / "parity"))
 REFS = ["himoe_vla_blocks", "drivemoe_action_moe", "moiie_block"]
 
 
