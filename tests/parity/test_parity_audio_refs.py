@@ -1,6 +1,6 @@
 """Parity of the four audio/language block references (Dynamic-MoE top-p, AdaMoE, MoE++, UniMoE-Audio).
 
-1. ``run_parity`` on the shared fixtures.
+1. ``run_parity`` on the shared fixtures in ``../shared/parity`` (or ``$MOEZOO_PARITY_DIR``).
 2. For each reference a DIFFERENT config: random weights in the official key layout, expected outputs from a small
    independent plain-torch re-implementation written from the fixtures' README quirks (per-token loops, no moezoo
    code), written to a temporary folder in the fixture format and checked with ``run_parity``.
@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from moezoo.parity import get_reference, load_folder, run_parity  # noqa: E402
 
-SHARED = Path("/work/shared/parity")
+SHARED = Path(os.environ.get("MOEZOO_PARITY_DIR", Path(__file__).resolve().parents[2].parent / "shared" / "parity"))
 REFS = ["dynamic_moe_topp", "adamoe", "moe_plus_plus", "unimoe_audio_block"]
 
 
