@@ -6,7 +6,7 @@ from torch import nn
 
 from .dispatch import apply_capacity
 from .experts import ExpertsImplementationConfig, ZeroFlopExperts, SharedExpert, build_experts
-from .routers import RouterOutput, build_router
+from .routers import RouterOutput, build_router, router_parameters
 
 # implementations that understand the sentinel id ``num_experts`` natively
 _SENTINEL_AWARE = {"moezoo", "eager", None}
@@ -67,9 +67,7 @@ class MoELayer(nn.Module):
             kwargs = dict(router_kwargs or {})
             kwargs.setdefault("hidden_size", hidden_size)
             kwargs.setdefault("num_experts", self.num_routable)
-            if router_type in ("topk", "topk_null", "moepp", "expert_choice"):
-                kwargs.setdefault("top_k", num_experts_per_tok)
-            if router_type in ("condition", "pooled", "modality"):
+            if "top_k" in router_parameters(router_type):
                 kwargs.setdefault("top_k", num_experts_per_tok)
             router = build_router(router_type, **kwargs)
         self.gate = router

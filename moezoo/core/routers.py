@@ -189,6 +189,15 @@ def register_router(name: str):
     return deco
 
 
+def router_parameters(router_type: str) -> set[str]:
+    """Names of the constructor arguments of a registered router (``top_k`` for token-choice routers, ...)."""
+    import inspect
+
+    if router_type not in ROUTERS:
+        raise ValueError(f"router_type={router_type!r} is unknown; expected one of {sorted(ROUTERS)}")
+    return set(inspect.signature(ROUTERS[router_type]).parameters)
+
+
 def build_router(router_type: str, **kwargs) -> nn.Module:
     if router_type not in ROUTERS:
         raise ValueError(f"router_type={router_type!r} is unknown; expected one of {sorted(ROUTERS)}")
