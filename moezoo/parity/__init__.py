@@ -76,6 +76,18 @@ def load_folder(folder: str | Path, ref_module=None) -> tuple[dict, dict, dict, 
     return config, state, io, io_meta
 
 
+def strip_prefix(state_dict: dict, anchor: str, what: str) -> dict:
+    """Keys relative to the one module whose parameter ends with ``anchor`` (a block saved alone or inside a model).
+
+    Full-model checkpoints prefix block keys (``model.layers.<i>.mlp.``); exactly one match is required.
+    """
+    keys = [k for k in state_dict if k == anchor or k.endswith("." + anchor)]
+    if len(keys) != 1:
+        raise ValueError(f"expected exactly one '*{anchor}' ({what}) in the state_dict, found {keys}")
+    prefix = keys[0][: -len(anchor)]
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
 @dataclass
 class Comparison:
     name: str

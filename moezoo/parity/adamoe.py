@@ -19,6 +19,7 @@ import re
 
 import torch
 
+from moezoo.parity import strip_prefix
 from moezoo.core import MoELayer
 from moezoo.core.losses import switch_balance_loss
 
@@ -31,16 +32,8 @@ def matches(config: dict) -> bool:
     return (config.get("_reference") or {}).get("class", "CustomMixtralSparseMoeBlock") == "CustomMixtralSparseMoeBlock"
 
 
-def _strip_prefix(state_dict: dict) -> dict:
-    keys = [k for k in state_dict if k.endswith("gate2.weight")]
-    if len(keys) != 1:
-        raise ValueError(f"expected exactly one '*gate2.weight' (the null-expert router) in the state_dict, found {keys}")
-    prefix = keys[0][: -len("gate2.weight")]
-    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-
-
 def convert(config: dict, state_dict: dict[str, torch.Tensor], *, official_true_bound: bool = False) -> MoELayer:
-    sd = _strip_prefix(state_dict)
+    sd = strip_prefix(state_dict, "gate2.weight", "the null-expert router")
     gate, gate2 = sd["gate.weight"], sd["gate2.weight"]
     num_experts, hidden = gate.shape
     num_null = gate2.shape[0]

@@ -11,6 +11,7 @@ import re
 
 import torch
 
+from moezoo.parity import strip_prefix
 from moezoo.core import MoELayer
 
 REPO = "ZhenweiAn/Dynamic_MoE"
@@ -21,16 +22,8 @@ def matches(config: dict) -> bool:
     return (config.get("_reference") or {}).get("class", "SwitchMLP") == "SwitchMLP"
 
 
-def _strip_prefix(state_dict: dict) -> dict:
-    keys = [k for k in state_dict if k.endswith("router.weight")]
-    if len(keys) != 1:
-        raise ValueError(f"expected exactly one '*router.weight' in the state_dict (one MoE layer), found {keys}")
-    prefix = keys[0][: -len("router.weight")]
-    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-
-
 def convert(config: dict, state_dict: dict[str, torch.Tensor]) -> MoELayer:
-    sd = _strip_prefix(state_dict)
+    sd = strip_prefix(state_dict, "router.weight", "one MoE layer")
     router = sd["router.weight"]
     num_experts, hidden = router.shape
     ids = sorted({int(m.group(1)) for k in sd if (m := re.match(r"experts\.(\d+)\.", k))})

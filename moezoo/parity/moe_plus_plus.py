@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from moezoo.parity import strip_prefix
 from moezoo.core import MoELayer
 
 REPO = "SkyworkAI/MoE-plus-plus"
@@ -27,14 +28,6 @@ NUM_SPECIAL = 4  # 2 constant + 1 copy + 1 zero, hard-coded by the official laye
 
 def matches(config: dict) -> bool:
     return (config.get("_reference") or {}).get("class", "MOE") == "MOE"
-
-
-def _strip_prefix(state_dict: dict) -> dict:
-    keys = [k for k in state_dict if k.endswith("gate.gate_map.weight")]
-    if len(keys) != 1:
-        raise ValueError(f"expected exactly one '*gate.gate_map.weight' (one MoE++ layer) in the state_dict, found {keys}")
-    prefix = keys[0][: -len("gate.gate_map.weight")]
-    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def official_order(num_experts: int) -> list[int]:
@@ -48,7 +41,7 @@ def convert(config: dict, state_dict: dict[str, torch.Tensor]) -> MoELayer:
         raise ValueError("moe_use_mixtral_gating=True is not supported by this converter (only MoE++ gating)")
     if config.get("moe_use_logits_norm", False):
         raise ValueError("moe_use_logits_norm=True is not supported by this converter")
-    sd = _strip_prefix(state_dict)
+    sd = strip_prefix(state_dict, "gate.gate_map.weight", "one MoE++ layer")
     gate_map = sd["gate.gate_map.weight"]
     E = gate_map.shape[0]
     n_ffn = E - NUM_SPECIAL

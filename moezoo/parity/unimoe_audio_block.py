@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moezoo.parity import strip_prefix
 from moezoo.core import MoELayer
 from moezoo.core.losses import unimoe_audio_balance_loss
 
@@ -29,14 +30,6 @@ DYN = "dynamic_real_moe.deepspeed_moe.experts.deepspeed_experts"
 
 def matches(config: dict) -> bool:
     return (config.get("_reference") or {}).get("class") == "UniMoEAudioSparseMoeBlock"
-
-
-def _strip_prefix(state_dict: dict) -> dict:
-    keys = [k for k in state_dict if k.endswith(f"{DYN}.0.gate_proj.weight")]
-    if len(keys) != 1:
-        raise ValueError(f"expected exactly one UniMoE-Audio MoE block in the state_dict, found {len(keys)}")
-    prefix = keys[0][: -len(f"{DYN}.0.gate_proj.weight")]
-    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def _count(sd: dict, prefix: str) -> int:
@@ -61,7 +54,7 @@ def _pad(w: torch.Tensor, size: int, dim: int) -> torch.Tensor:
 
 
 def convert(config: dict, state_dict: dict[str, torch.Tensor]) -> MoELayer:
-    sd = _strip_prefix(state_dict)
+    sd = strip_prefix(state_dict, f"{DYN}.0.gate_proj.weight", "one UniMoE-Audio MoE block")
     gate = sd["gate.weight"]
     R, hidden = gate.shape
     D = _count(sd, DYN)
