@@ -11,31 +11,23 @@
 """
 from __future__ import annotations
 
-import re
 
 import torch
 from torch import nn
 
 from moezoo.core import MoELayer
+from moezoo.parity import count_experts
 from moezoo.core.modules import CameraRouter
 
 REPO = "mr-d-self-driving/DriveMoE"
 EXACT = {"topk_idx", "camera_selected"}
 
 
-def _ids(state: dict, prefix: str) -> list[int]:
-    pat = re.compile(re.escape(prefix) + r"(\d+)\.gate_proj\.weight$")
-    return sorted({int(m.group(1)) for k in state if (m := pat.match(k))})
-
-
 def _moe_mlp(cfg: dict, router_cfg: dict, state: dict) -> MoELayer:
-    skill = _ids(state, "moe_mlp.skill_experts.")
-    shared = _ids(state, "moe_mlp.shared_experts.")
-    E = len(skill)
-    if E == 0 or skill != list(range(E)):
-        raise ValueError(f"moe_mlp: expected skill experts 0..E-1 in the state dict, found {skill}")
-    if cfg.get("num_skill_experts", E) != E:
-        raise ValueError(f"moe_mlp: config num_skill_experts={cfg.get('num_skill_experts')} but the weights hold {E}")
+    E = count_experts(state, "moe_mlp.skill_experts.", "gate_proj.weight", what="skill experts",
+                      config_value=cfg.get("num_skill_experts"), config_key="num_skill_experts")
+    shared = range(count_experts(state, "moe_mlp.shared_experts.", "gate_proj.weight", what="shared experts",
+                                 allow_empty=True))
     I, H = state["moe_mlp.skill_experts.0.gate_proj.weight"].shape
     k = int(cfg["num_experts_per_tok"])
     router_w = state["action_router.router_linear.weight"]

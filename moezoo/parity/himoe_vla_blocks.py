@@ -10,12 +10,12 @@ HB-MoE -> ``MoELayer(router_type="topk")``: softmax, top-k renormalised with eps
 """
 from __future__ import annotations
 
-import re
 
 import torch
 from torch import nn
 
 from moezoo.core import MoELayer
+from moezoo.parity import count_experts
 from moezoo.core.losses import sequence_balance_loss, switch_balance_loss
 
 REPO = "ZhiyingDu/HiMoE-VLA"
@@ -25,11 +25,6 @@ BLOCKS = ("as_moe", "hb_moe")
 
 def matches(config: dict) -> bool:
     return any(b in config for b in BLOCKS)
-
-
-def _expert_ids(state: dict, prefix: str) -> list[int]:
-    pat = re.compile(re.escape(prefix) + r"experts\.(\d+)\.gate_proj\.weight$")
-    return sorted({int(m.group(1)) for k in state if (m := pat.match(k))})
 
 
 def _load_experts(layer: MoELayer, state: dict, prefix: str, n: int) -> None:
@@ -47,12 +42,8 @@ def _load_shared(layer: MoELayer, state: dict, prefix: str) -> None:
 
 def _build(name: str, cfg: dict, state: dict) -> MoELayer:
     prefix = f"{name}."
-    ids = _expert_ids(state, prefix)
-    E = len(ids)
-    if ids != list(range(E)) or E == 0:
-        raise ValueError(f"{name}: expected experts 0..E-1 in the state dict, found {ids}")
-    if cfg.get("n_routed_experts", E) != E:
-        raise ValueError(f"{name}: config n_routed_experts={cfg.get('n_routed_experts')} but the weights hold {E}")
+    E = count_experts(state, f"{prefix}experts.", "gate_proj.weight", what=f"{name} experts",
+                      config_value=cfg.get("n_routed_experts"), config_key="n_routed_experts")
     I, H = state[f"{prefix}experts.0.gate_proj.weight"].shape
     k = int(cfg.get("num_experts_per_tok", 1))
     norm = bool(cfg.get("norm_topk_prob", False)) and k > 1  # official: renormalise only when top_k > 1

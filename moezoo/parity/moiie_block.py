@@ -9,12 +9,12 @@ Aux losses: ``modality_balance_loss`` (per-modality Switch loss in the pool, tim
 """
 from __future__ import annotations
 
-import re
 
 import torch
 from torch import nn
 
 from moezoo.core import MoELayer
+from moezoo.parity import count_experts
 from moezoo.core.losses import modality_balance_loss
 
 REPO = "AlenjandroWang/MoIIE"
@@ -24,13 +24,7 @@ SHIFT = 1  # language expert id = local gate index + 1 (official)
 
 
 def convert(config: dict, state_dict: dict) -> nn.Module:
-    pat = re.compile(r"experts\.(\d+)\.gate_up_proj\.weight$")
-    ids = sorted({int(m.group(1)) for k in state_dict if (m := pat.match(k))})
-    E = len(ids)
-    if E == 0 or ids != list(range(E)):
-        raise ValueError(f"expected experts 0..E-1 in the state dict, found {ids}")
-    if config.get("num_experts", E) != E:
-        raise ValueError(f"config num_experts={config.get('num_experts')} but the weights hold {E} experts")
+    E = count_experts(state_dict, "experts.", "gate_up_proj.weight", config_value=config.get("num_experts"))
     two_i, H = state_dict["experts.0.gate_up_proj.weight"].shape
     w_lan, w_vis = state_dict["gate.weight"].shape[0], state_dict["gate_vis.weight"].shape[0]
     if w_vis > E or w_lan + SHIFT > E:
