@@ -14,6 +14,12 @@ STAMP="$VENV/.moezoo-installed"
 WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/setup.sh" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "[setup] installing into $VENV (first run takes a few minutes)" >&2
+  # real images for the diffusion family (Fashion-MNIST, Debian package); optional: its data tests skip without it
+  if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo -n"
+    { $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; } \
+      >/dev/null 2>&1 || echo "[setup] apt-get install dataset-fashion-mnist failed; Fashion-MNIST tests will skip" >&2
+  fi
   python -m pip install --quiet --upgrade pip
   # torch first and pinned: 2.14.1 is the newest this project supports (torchaudio 2.11 runs beside it)
   python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
