@@ -70,6 +70,13 @@ def _agg_figure():
     return make
 
 
+def _copy_value(v):
+    """A copy of an accumulator field that later in-place updates cannot change."""
+    if isinstance(v, torch.Tensor):
+        return v.clone()
+    return [x.clone() for x in v] if isinstance(v, list) else v
+
+
 class _LayerAccumulator:
     __slots__ = ("counts", "entropy_sum", "ept_sum", "tokens", "drop_sum", "drop_steps", "steps", "history")
 
@@ -138,6 +145,24 @@ class RoutingStats:
         acc.steps += 1
         if self.keep_history:
             acc.history.append((counts / counts.sum().clamp_min(1.0)).cpu())
+
+    def state_dict(self) -> dict:
+        """Everything accumulated, as tensors / floats / lists (loadable with ``torch.load(weights_only=True)``)."""
+        return {"keep_history": self.keep_history,
+                "layers": [{"name": name, **{k: _copy_value(getattr(acc, k)) for k in _LayerAccumulator.__slots__}}
+                           for name, acc in self._layers.items()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Replace the accumulated statistics by ``state`` (from :meth:`state_dict`)."""
+        if not isinstance(state, dict) or "layers" not in state:
+            raise ValueError("state must be a dict from RoutingStats.state_dict()")
+        self.keep_history = bool(state.get("keep_history", self.keep_history))
+        self._layers = {}
+        for entry in state["layers"]:
+            acc = _LayerAccumulator(int(entry["counts"].numel()))
+            for k in _LayerAccumulator.__slots__:
+                setattr(acc, k, _copy_value(entry[k]))
+            self._layers[entry["name"]] = acc
 
     def load(self, layer: Hashable) -> torch.Tensor:
         """(R,) accumulated fraction of slots per expert of ``layer``."""
