@@ -7,7 +7,8 @@ Each reference has a module ``moezoo.parity.<ref>`` defining:
 - ``REPO``: the official repository (checked against ``config.json["_reference"]["repo"]``),
 - ``EXACT``: names of outputs that must match exactly (everything else: atol 1e-5, rtol 1e-4),
 - ``convert(config, state_dict) -> nn.Module``: official weights -> moezoo modules (MoELayer etc.),
-- ``run(module, config, inputs) -> dict``: the ``out.*`` tensors computed by moezoo on the ``in.*`` tensors.
+- ``run(module, config, inputs) -> dict``: the ``out.*`` tensors computed by moezoo on the ``in.*`` tensors (a ``run``
+  with an ``expected`` parameter also gets the sorted ``out.*`` names the folder holds).
 """
 from __future__ import annotations
 
@@ -141,7 +142,10 @@ def run_parity(reference: str, folder: str | Path, *, verbose: bool = True, prin
     module = mod.convert(config, state)
     module.eval()
     with torch.no_grad():
-        got = mod.run(module, config, inputs)
+        # references whose outputs are parametrised by their names (e.g. ``generate_pred<N>``) take ``expected=``
+        import inspect
+        wants_names = "expected" in inspect.signature(mod.run).parameters
+        got = mod.run(module, config, inputs, expected=sorted(expected)) if wants_names else mod.run(module, config, inputs)
     exact = set(getattr(mod, "EXACT", ()))
     results = [compare(k, got.get(k), v, k in exact or k.removeprefix("out.") in exact) for k, v in sorted(expected.items())]
     if verbose:
