@@ -206,6 +206,46 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def find_script(kind: str, family: str, script: str) -> Path:
+    """``training/<family>/train.py`` or ``eval/<family>/run.py`` of the checkout (package parent, then cwd)."""
+    from moezoo.registry import list_families
+
+    family = family.strip().replace("-", "_").lower()
+    roots = [Path(__file__).resolve().parents[1], Path.cwd()]
+    for root in roots:
+        path = root / kind / family / script
+        if path.is_file():
+            return path
+    found = sorted({d.name for r in roots if (r / kind).is_dir() for d in (r / kind).iterdir()
+                    if (d / script).is_file()})
+    hint = (f"families with a {kind}/<family>/{script}: {', '.join(found)}" if found else
+            f"no {kind}/ folder found next to the package or in {Path.cwd()} (recipes ship with the source checkout)")
+    known = "" if family in list_families() else f"; {family!r} is not a registered family"
+    raise CLIError(f"no {kind}/{family}/{script}{known}; {hint}")
+
+
+def _run_script(path: Path, argv: list[str]) -> int:
+    import runpy
+
+    old_argv = sys.argv
+    sys.argv = [str(path), *argv]
+    try:
+        runpy.run_path(str(path), run_name="__main__")
+    except SystemExit as exc:  # argparse --help / errors inside the script
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 1
+    finally:
+        sys.argv = old_argv
+    return 0
+
+
+def cmd_train(args) -> int:
+    return _run_script(find_script("training", args.family, "train.py"), list(args.args))
+
+
+def cmd_eval(args) -> int:
+    return _run_script(find_script("eval", args.family, "run.py"), list(args.args))
+
+
 # ------------------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moezoo", description="moezoo: a Mixture-of-Experts model zoo")
@@ -255,6 +295,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name", help=f"benchmark name ({', '.join(sorted(BENCHMARKS))})")
     s.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("train", help="run a family's training recipe: training/<family>/train.py --config ...")
+    s.add_argument("family", help="family name, e.g. time_moe, dit_moe, deweather")
+    s.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the recipe (--config FILE key=value ...)")
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("eval", help="run a family's benchmark harness: eval/<family>/run.py ...")
+    s.add_argument("family", help="family name, e.g. time_moe, dit_moe, deweather")
+    s.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the harness (see --help)")
+    s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("demo", help="offline end-to-end demo (trains lm_tiny_e8k2 on a CPU in ~2 minutes)")
     s.add_argument("--output-dir", default="outputs/demo")

@@ -18,7 +18,7 @@ What it does, on one CPU core or under ``accelerate launch`` / ``torchrun`` on m
   from the trainer's CPU generator. With ``W`` processes every process builds the same permutation, cuts it into batches
   of ``batch_size`` (the per-process micro-batch) and takes batches ``rank, rank + W, ...``; a sampler callable gets a
   generator seeded with ``seed + rank``.
-- Expert load: forward hooks on every :class:`moezoo.core.MoELayer` (or, for models without one, the ``router_outputs``
+- Expert load: forward hooks on every :class:`moezoo.core.MoELayer` / :class:`moezoo.core.FMEMoELayer` (or, for models without one, the ``router_outputs``
   / ``router_logits`` RouterOutputs of the model output) feed a :class:`moezoo.core.RoutingStats` every
   ``routing_every`` steps; the per-layer ``max load x num_experts`` (1 = balanced) goes to the jsonl log, and
   ``routing_heatmap.png`` / ``routing_load_over_steps.png`` are written to ``output_dir`` at checkpoints and at the end.
@@ -565,7 +565,9 @@ class _RoutingCapture:
     """Collects the RouterOutputs of one optimizer step (all micro-batches), detached, per MoE layer."""
 
     def __init__(self, model: nn.Module):
-        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MoELayer)]
+        from .core.fme import FMEMoELayer
+
+        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (MoELayer, FMEMoELayer))]
         self.names = _short_names([n for n, _ in layers])
         self.active = False
         self.mask = None
@@ -878,6 +880,10 @@ class Trainer:
                                                 for k, v in self.unwrapped_model.state_dict().items()})
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # the saved lr belongs to the saved schedule; a resumed run with another max_steps / warm-up / schedule uses its
+        # own from the first resumed step (identical when nothing changed)
+        for group, base_lr, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base_lr * fn(self.scheduler.last_epoch)
         if state.get("scaler") is not None and getattr(acc, "scaler", None) is not None:
             acc.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])

@@ -301,3 +301,13 @@ def test_console_script():
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     res = subprocess.run(cmd + ["list", "lm_*"], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0 and "lm_tiny_e8k2" in res.stdout and "lm_small_e16k2" in res.stdout
+
+
+def test_train_and_eval_find_the_family_scripts(capsys, tmp_path):
+    rc, out, err = run(["train", "no_such_family", "--config", "x.yaml"], capsys)
+    assert rc == 2 and "training/no_such_family/train.py" in err and "time_moe" in err
+    rc, out, err = run(["eval", "time_moe", "--help"], capsys)
+    assert rc == 0 and "--horizons" in out
+    cfg = tmp_path / "missing.yaml"
+    rc, out, err = run(["train", "time-moe", "--config", str(cfg)], capsys)
+    assert rc != 0
