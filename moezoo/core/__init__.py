@@ -11,6 +11,9 @@ from .stats import RoutingStats, expert_load, routing_entropy
 from .losses import CoefficientSchedule, null_expert_usage, switch_balance_loss, update_selection_bias
 from .upcycle import UpcycledMoE, collect_router_outputs, upcycle_model, upcycled_balance_loss
 from .parallel import base_model_ep_plan, distribute_experts, ep_plan
+from .routers import PrototypeRouter
+from .losses import routing_contrastive_loss
+from .layer import PlainSharedExpert
 
 __all__ = [
     "BiasedExperts", "Experts", "ExpertsImplementationConfig", "PlainBiasedExperts", "PlainExperts", "SharedExpert",
@@ -21,4 +24,6 @@ __all__ = [
     "ConditionRouter", "ModalityRouter", "PooledRouter", "next_token_modality_ids", "CameraRouter", "SceneRouter",
     "UpcycledMoE", "collect_router_outputs", "upcycle_model", "upcycled_balance_loss", "base_model_ep_plan",
     "distribute_experts", "ep_plan",
+    "PrototypeRouter", "routing_contrastive_loss", "PlainSharedExpert",
+
 ]

@@ -15,7 +15,7 @@ def _dist_ready() -> bool:
 
 def switch_balance_loss(router_outputs: RouterOutput | list[RouterOutput], *, num_experts: int | None = None,
                         attention_mask: torch.Tensor | None = None, global_batch: bool = False,
-                        group=None) -> torch.Tensor:
+                        group=None, normalize: str = "tokens") -> torch.Tensor:
     """Switch/Mixtral load-balancing loss ``E * sum_e f_e * P_e`` (micro-batch, or global-batch).
 
     ``f_e`` is the fraction of routing slots (token x top-k) sent to expert e, ``P_e`` the mean router probability.
@@ -29,7 +29,13 @@ def switch_balance_loss(router_outputs: RouterOutput | list[RouterOutput], *, nu
     size. The *mean over ranks* of the returned loss is then exactly the loss of the concatenated global batch, and
     so is its data-parallel-averaged gradient (DDP / accelerate average gradients), whatever each rank's token count.
     Without an initialised process group it equals the micro-batch loss.
+
+    ``normalize``: ``"tokens"`` (transformers / Switch: ``f_e = slots_e / tokens``, so ``sum_e f_e = k``) or
+    ``"slots"`` (DeepSeek-MoE / DiT-MoE / ProMoE: ``f_e = slots_e / all routed slots``, i.e. ``count_e / (T * k)``
+    for fixed k; the ``"tokens"`` value divided by k).
     """
+    if normalize not in ("tokens", "slots"):
+        raise ValueError(f"normalize must be 'tokens' or 'slots', got {normalize!r}")
     if isinstance(router_outputs, RouterOutput):
         router_outputs = [router_outputs]
     if not router_outputs:
@@ -58,10 +64,10 @@ def switch_balance_loss(router_outputs: RouterOutput | list[RouterOutput], *, nu
         buf = torch.cat([counts, n_tokens.reshape(1)]).detach()
         dist.all_reduce(buf, group=group)
         world = dist.get_world_size(group)
-        f = buf[:R] / buf[R].clamp_min(1e-30)
+        f = buf[:R] / (buf[:R].sum() if normalize == "slots" else buf[R]).clamp_min(1e-30)
         p = prob_sum * (world / buf[R].clamp_min(1e-30))
     else:
-        f = counts / n_tokens.clamp_min(1e-30)
+        f = counts / (counts.sum() if normalize == "slots" else n_tokens).clamp_min(1e-30)
         p = prob_sum / n_tokens.clamp_min(1e-30)
     return (f * p).sum() * E
 
@@ -361,3 +367,60 @@ def modality_balance_loss(router_output: RouterOutput, *, attention_mask: torch.
         sub = RouterOutput(p, p, local, torch.ones_like(p[:, :k]), torch.full_like(local[:, 0], k), len(pool))
         losses.append(switch_balance_loss(sub, attention_mask=None if mask is None else mask[rows.to(mask.device)]))
     return torch.stack(losses)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# ProMoE routing contrastive loss
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def routing_contrastive_loss(prototypes: torch.Tensor, hidden_states: torch.Tensor, indices, *,
+                             temperature: float = 0.07, use_top_k: bool = True,
+                             token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """ProMoE's routing contrastive loss (RCL) of one MoE layer (multiply by its coefficient yourself).
+
+    For every prototype c (``prototypes`` (E, H)) with at least one assigned token, ``m_c`` = mean of the router
+    inputs (``hidden_states`` (T, H)) of its tokens; a token is assigned to c if any of its top-k slots is c
+    (``use_top_k=True``, ProMoE's configs) or only its first slot (``use_top_k=False``). With V the valid
+    prototypes: ``logits = cos(prototype_v, m_w) / temperature`` (V, V) and the loss is the cross-entropy with the
+    diagonal as targets. 0 when fewer than two prototypes are valid.
+
+    ``indices``: (T, k) expert ids (ids outside [0, E) - sentinels, an unconditional expert - assign nothing), or a
+    :class:`RouterOutput` (its ``indices``). ``token_mask`` (T,) bool keeps only those tokens (e.g. the conditional
+    ones). Vectorised: no Python loop over prototypes.
+    """
+    if isinstance(indices, RouterOutput):
+        indices = indices.indices
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if prototypes.dim() != 2:
+        raise ValueError(f"prototypes must be (num_experts, hidden), got shape {tuple(prototypes.shape)}")
+    E, H = prototypes.shape
+    x = hidden_states.reshape(-1, hidden_states.shape[-1])
+    if x.shape[-1] != H:
+        raise ValueError(f"hidden_states have width {x.shape[-1]}, the prototypes {H}")
+    idx = indices.reshape(x.shape[0], -1) if indices.numel() else indices.reshape(x.shape[0], 0)
+    if idx.shape[0] != x.shape[0]:
+        raise ValueError(f"indices hold {idx.shape[0]} tokens, hidden_states {x.shape[0]}")
+    if not use_top_k:
+        idx = idx[:, :1]
+    if token_mask is not None:
+        keep = token_mask.reshape(-1).to(device=x.device).bool()
+        if keep.numel() != x.shape[0]:
+            raise ValueError(f"token_mask has {keep.numel()} entries, expected one per token ({x.shape[0]})")
+        x, idx = x[keep], idx[keep.to(idx.device)]
+    idx = idx.to(x.device)
+    valid_slot = (idx >= 0) & (idx < E)
+    assign = torch.zeros(x.shape[0], E + 1, dtype=x.dtype, device=x.device)
+    assign.scatter_(1, torch.where(valid_slot, idx, E), 1.0)
+    assign = assign[:, :E]  # (T, E) 1 if the token is assigned to the prototype (any slot)
+    counts = assign.sum(0)
+    valid = counts > 0
+    if int(valid.sum()) < 2:
+        return prototypes.new_zeros(())
+    means = (assign.T @ x)[valid] / counts[valid, None]
+    centers = torch.nn.functional.normalize(prototypes[valid], p=2, dim=1)
+    means = torch.nn.functional.normalize(means.to(centers.dtype), p=2, dim=1)
+    logits = centers @ means.T / temperature
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return torch.nn.functional.cross_entropy(logits, target)
