@@ -1,11 +1,8 @@
-"""Dataset and data-loading helpers, one module per domain.
+"""Dataset and data-loading helpers, one module per domain (import the one you need; nothing is imported eagerly).
 
-Modules (each owned by the family that adds it):
+- :mod:`moezoo.data.timeseries` -- CSV/parquet series, standard long-horizon splits, scaler, training/eval windows.
+- :mod:`moezoo.data.images` -- Fashion-MNIST (Debian package), sklearn digits, ImageNet-style folders, VAE latents.
+- :mod:`moezoo.data.weather` -- a real multi-weather set synthesised offline with albumentations; All-Weather loaders.
 
-- ``moezoo.data.timeseries`` -- ETT-style CSV windows, normalisation.
-- ``moezoo.data.diffusion`` -- image datasets (Fashion-MNIST, ...) for diffusion training.
-- ``moezoo.data.deweather`` -- paired degraded/clean image datasets and augmentations.
-
-Import the domain module you need; this package imports nothing eagerly.
 The shared training loop that consumes these datasets is :mod:`moezoo.trainer`.
 """

@@ -1,10 +1,6 @@
-"""Evaluation metrics, one module per domain.
+"""Evaluation metrics, one module per domain (import the one you need; nothing is imported eagerly).
 
-Modules (each owned by the family that adds it):
-
-- ``moezoo.metrics.timeseries`` -- forecasting metrics (MSE/MAE on normalised series, ...).
-- ``moezoo.metrics.diffusion`` -- image-generation metrics (FID-style scores, ...).
-- ``moezoo.metrics.deweather`` -- image-restoration metrics (PSNR/SSIM, ...).
-
-Import the domain module you need; this package imports nothing eagerly.
+- :mod:`moezoo.metrics.timeseries` -- MSE / MAE averaged over channels.
+- :mod:`moezoo.metrics.generation` -- FID / IS / precision-recall, classifier-space FID, conditional accuracy, routing analysis.
+- :mod:`moezoo.metrics.restoration` -- PSNR / SSIM per weather type and overall.
 """
