@@ -123,7 +123,8 @@ class MoELayer(nn.Module):
         """Expert outputs mixed with the routing decision ``ro`` (T, H) -> (T, H)."""
         xe = x * self.expert_input_scale if self.expert_input_scale != 1.0 else x
         idx, w = ro.indices, ro.weights
-        E = self.experts.num_experts  # routed experts (+ the unconditional expert)
+        # routed experts (+ the unconditional expert); not experts.num_experts, which expert parallelism makes local
+        E = self.num_experts + int(self.unconditional_expert)
         routed = idx < E
         impl = getattr(self.experts.config, "_experts_implementation", None)
         # transformers' expert parallelism (``_is_expert_parallel``, set by its "grouped_gemm" style) counts tokens per
