@@ -1,0 +1,298 @@
+"""``deweather``: MoWE-layout image-restoration transformers with MoFME (FME) or conventional FFN experts.
+
+conv head -> patch embedding -> N x [pre-norm attention, MoE FFN] -> Linear + un-patchify -> conv tail -> sigmoid.
+The MoE FFN is :class:`moezoo.core.FMEMoELayer` (``expert_type="fme"``: shared basenet + FiLM experts + adaptor; the
+router sees the un-normalised residual stream, as in MoFME) or :class:`moezoo.core.MoELayer` with GELU FFN experts
+on a pre-LayerNorm (``expert_type="ffn"``, the conventional MoE counterpart of the paper).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from ...core.fme import FMEExperts, FMEMoELayer
+from ...core.layer import MoELayer
+from ...core.routers import RouterOutput
+from ...modeling_utils import MoezooPreTrainedModel
+from .configuration_deweather import MoezooDeweatherConfig
+
+
+@dataclass
+class MoezooDeweatherModelOutput(ModelOutput):
+    """Encoder output.
+
+    Attributes:
+        last_hidden_state: (B, N, H) tokens after the last transformer layer (N = (H_img / p) * (W_img / p)).
+        hidden_states: patch embeddings + each layer's output (when ``output_hidden_states``).
+        router_logits: one (B*N, E) tensor per MoE layer (when ``output_router_logits``).
+        routing_weights: one (B, N, E) dense combine-weight tensor per MoE layer (0 for unselected experts).
+        router_outputs: the full :class:`moezoo.core.RouterOutput` of every MoE layer.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
+    routing_weights: tuple[torch.FloatTensor, ...] | None = None
+    router_outputs: tuple[RouterOutput, ...] | None = None
+
+
+@dataclass
+class MoezooDeweatherRestorationOutput(ModelOutput):
+    """Restoration output.
+
+    Attributes:
+        loss: L1(reconstruction, labels) + ``aux_loss`` (only when ``labels`` are given).
+        aux_loss: ``router_aux_loss_coef * switch balance (+ z-loss)`` over the MoE layers.
+        reconstruction: (B, out_channels, H, W) restored image (sigmoid output [+ input if ``residual_learning``]).
+        router_logits, routing_weights, router_outputs, hidden_states: as in :class:`MoezooDeweatherModelOutput`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    aux_loss: torch.FloatTensor | None = None
+    reconstruction: torch.FloatTensor | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
+    routing_weights: tuple[torch.FloatTensor, ...] | None = None
+    router_outputs: tuple[RouterOutput, ...] | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+def _conv(cin: int, cout: int, k: int) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, k, padding=k // 2)
+
+
+class ResBlock(nn.Module):
+    """EDSR residual block ``x + conv(relu(conv(x)))`` (``body.0``, ``body.2``)."""
+
+    def __init__(self, channels: int, kernel_size: int = 3):
+        super().__init__()
+        self.body = nn.Sequential(_conv(channels, channels, kernel_size), nn.ReLU(), _conv(channels, channels, kernel_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) + x
+
+
+class PatchEmbed(nn.Module):
+    """Conv2d(k = stride = patch) + LayerNorm: (B, C, H, W) -> (B, H/p * W/p, D)."""
+
+    def __init__(self, in_channels: int, hidden_size: int, patch_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(hidden_size, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).flatten(2).transpose(1, 2))
+
+
+class DeweatherAttention(nn.Module):
+    """Multi-head self-attention without positions: ``qkv_proj`` (no bias, inner = heads * head_dim), ``o_proj``."""
+
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        inner = num_heads * head_dim
+        self.qkv_proj = nn.Linear(hidden_size, 3 * inner, bias=False)
+        self.o_proj = nn.Linear(inner, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        q, k, v = self.qkv_proj(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.head_dim ** -0.5)
+        return self.dropout(self.o_proj(out.transpose(1, 2).reshape(B, N, -1)))
+
+
+class DeweatherTransformerBlock(nn.Module):
+    """``x = x + attn(LN x)``; then ``x = x + FME(x)`` (fme) or ``x = x + MoE(LN x)`` (ffn).  Returns (x, RouterOutput).
+
+    Built from explicit keyword arguments (``init_kwargs``), so parity references can rebuild a lone block.
+    """
+
+    def __init__(self, *, hidden_size: int, num_heads: int, head_dim: int, num_experts: int,
+                 num_experts_per_tok: int, intermediate_size: int, expert_type: str = "fme",
+                 fme_intermediate_size: int | None = None, fme_implementation: str = "sparse",
+                 official_expert_offset: bool = False, router_type: str = "topk", router_kwargs: dict | None = None,
+                 hidden_act: str = "gelu", dropout: float = 0.0, layer_norm_eps: float = 1e-5, experts_config=None):
+        super().__init__()
+        self.init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "experts_config", "__class__")}
+        self.expert_type = expert_type
+        self.attn_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.attn = DeweatherAttention(hidden_size, num_heads, head_dim, dropout)
+        if expert_type == "fme":
+            self.mlp_norm = None
+            self.mlp = FMEMoELayer(hidden_size=hidden_size, num_experts=num_experts,
+                                   num_experts_per_tok=num_experts_per_tok, fme_intermediate_size=fme_intermediate_size,
+                                   adaptor_size=intermediate_size, hidden_act=hidden_act, norm_eps=layer_norm_eps,
+                                   dropout=dropout, official_expert_offset=official_expert_offset,
+                                   router_type=router_type, router_kwargs=router_kwargs,
+                                   implementation=fme_implementation)
+        elif expert_type == "ffn":
+            self.mlp_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+            self.mlp = MoELayer(hidden_size=hidden_size, num_experts=num_experts, num_experts_per_tok=num_experts_per_tok,
+                                moe_intermediate_size=intermediate_size, hidden_act=hidden_act, expert_bias=True,
+                                gated_experts=False, router_type=router_type, router_kwargs=router_kwargs,
+                                experts_config=experts_config)
+        else:
+            raise ValueError(f"expert_type must be 'fme' or 'ffn', got {expert_type!r}")
+
+    def forward(self, x: torch.Tensor, **signals) -> tuple[torch.Tensor, RouterOutput]:
+        x = x + self.attn(self.attn_norm(x))
+        h, ro = self.mlp(x if self.mlp_norm is None else self.mlp_norm(x), **signals)
+        return x + h, ro
+
+
+def block_kwargs(config: MoezooDeweatherConfig) -> dict:
+    """:class:`DeweatherTransformerBlock` keyword arguments of ``config``."""
+    return dict(hidden_size=config.hidden_size, num_heads=config.num_attention_heads, head_dim=config.head_dim,
+                num_experts=config.num_experts, num_experts_per_tok=config.num_experts_per_tok,
+                intermediate_size=config.intermediate_size, expert_type=config.expert_type,
+                fme_intermediate_size=config.fme_intermediate_size, fme_implementation=config.fme_implementation,
+                official_expert_offset=config.official_expert_offset, router_type=config.router_type,
+                router_kwargs=config.router_layer_kwargs(), hidden_act=config.hidden_act, dropout=config.dropout,
+                layer_norm_eps=config.layer_norm_eps)
+
+
+class MoezooDeweatherPreTrainedModel(MoezooPreTrainedModel):
+    config_class = MoezooDeweatherConfig
+    config: MoezooDeweatherConfig
+    base_model_prefix = "model"
+    main_input_name = "pixel_values"
+    _no_split_modules = ["DeweatherTransformerBlock"]
+    supports_gradient_checkpointing = False  # blocks return RouterOutputs whose weights feed the aux loss
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _can_compile_fullgraph = False
+
+    def moe_layers(self) -> list[tuple[str, nn.Module]]:
+        """(qualified name, module) of every MoE layer (:class:`MoELayer` or :class:`FMEMoELayer`), in order."""
+        return [(n, m) for n, m in self.named_modules() if isinstance(m, (MoELayer, FMEMoELayer))]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = getattr(self.config, "initializer_range", 0.02) or 0.02
+        if isinstance(module, FMEExperts):  # near-identity FiLM (scale ~ 1, shift ~ 0)
+            init.normal_(module.film_proj, mean=0.0, std=std)
+            if not getattr(module.film_proj_bias, "_is_hf_initialized", False):
+                module.film_proj_bias[:, : module.hidden_dim].fill_(1.0)
+                module.film_proj_bias[:, module.hidden_dim:].zero_()
+        elif isinstance(module, nn.Conv2d):  # PyTorch's default conv init keeps the conv head/tail signal alive
+            if not getattr(module.weight, "_is_hf_initialized", False):
+                module.reset_parameters()
+
+    def example_inputs(self, batch_size: int = 2, seq_len: int | None = None, labels: bool = True,
+                       generator: torch.Generator | None = None) -> dict:
+        """Random ``pixel_values`` in [0, 1] of the config's ``image_size`` (+ clean ``labels``)."""
+        H, W = self.config.image_hw
+        x = torch.rand(batch_size, self.config.in_channels, H, W, generator=generator)
+        if not labels:
+            return {"pixel_values": x}
+        return {"pixel_values": x, "labels": torch.rand(batch_size, self.config.out_channels, H, W, generator=generator)}
+
+
+class MoezooDeweatherModel(MoezooDeweatherPreTrainedModel):
+    """Conv head + patch embedding + MoE transformer (the encoder; no restoration tail)."""
+
+    def __init__(self, config: MoezooDeweatherConfig):
+        super().__init__(config)
+        C, k = config.head_channels, config.kernel_size
+        self.head = nn.Sequential(_conv(config.in_channels, C, k), *[ResBlock(C, k) for _ in range(config.num_head_resblocks)])
+        self.patch_embed = PatchEmbed(C, config.hidden_size, config.patch_size, config.layer_norm_eps)
+        self.embed_dropout = nn.Dropout(config.embed_dropout)
+        kwargs = block_kwargs(config)
+        self.layers = nn.ModuleList([DeweatherTransformerBlock(**kwargs, experts_config=config)
+                                     for _ in range(config.num_hidden_layers)])
+        self.post_init()
+
+    def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        if not torch.is_tensor(pixel_values) or pixel_values.dim() != 4 or pixel_values.shape[1] != self.config.in_channels:
+            shape = tuple(pixel_values.shape) if torch.is_tensor(pixel_values) else type(pixel_values).__name__
+            raise ValueError(f"pixel_values must have shape (batch, in_channels={self.config.in_channels}, height, "
+                             f"width), got {shape}")
+        p = self.config.patch_size
+        if pixel_values.shape[-2] % p or pixel_values.shape[-1] % p:
+            raise ValueError(f"pixel_values height and width {tuple(pixel_values.shape[-2:])} must be divisible by "
+                             f"patch_size={p} (pad or crop the image)")
+
+    def forward(self, pixel_values: torch.Tensor, output_router_logits: bool | None = None,
+                output_hidden_states: bool | None = None, return_dict: bool | None = None,
+                **signals) -> MoezooDeweatherModelOutput:
+        self.check_pixel_values(pixel_values)
+        output_router_logits = (output_router_logits if output_router_logits is not None
+                                else self.config.output_router_logits)
+        output_hidden_states = (output_hidden_states if output_hidden_states is not None
+                                else self.config.output_hidden_states)
+        x = self.embed_dropout(self.patch_embed(self.head(pixel_values)))
+        B, N, _ = x.shape
+        all_hidden = (x,) if output_hidden_states else None
+        router_outputs = []
+        for layer in self.layers:
+            x, ro = layer(x, **signals)
+            router_outputs.append(ro)
+            if output_hidden_states:
+                all_hidden += (x,)
+        result = MoezooDeweatherModelOutput(
+            last_hidden_state=x, hidden_states=all_hidden,
+            router_logits=tuple(ro.logits for ro in router_outputs) if output_router_logits else None,
+            routing_weights=tuple(ro.combine_weights()[:, : layer.mlp.num_experts].reshape(B, N, -1)
+                                  for ro, layer in zip(router_outputs, self.layers)),
+            router_outputs=tuple(router_outputs))
+        return result if return_dict is not False else result.to_tuple()
+
+
+class MoezooDeweatherForImageRestoration(MoezooDeweatherPreTrainedModel):
+    """:class:`MoezooDeweatherModel` + token-to-image projection + conv tail; L1 loss (+ aux) with clean ``labels``."""
+
+    def __init__(self, config: MoezooDeweatherConfig):
+        super().__init__(config)
+        self.model = MoezooDeweatherModel(config)
+        p, ch, k = config.patch_size, config.head_channels * config.out_ch_scale, config.kernel_size
+        half = max(ch // 2, 1)
+        self.tail_proj = nn.Linear(config.hidden_size, ch * p * p)
+        self.tail = nn.Sequential(ResBlock(ch, k), _conv(ch, half, k), ResBlock(half, k), _conv(half, config.out_channels, k))
+        self.post_init()
+
+    def unpatchify(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """(B, h*w, p*p*c) -> (B, c, h*p, w*p) (``b (h w) (p1 p2 c) -> b c (h p1) (w p2)``)."""
+        B, _, D = tokens.shape
+        p = self.config.patch_size
+        h, w, c = height // p, width // p, D // (p * p)
+        return tokens.view(B, h, w, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(B, c, h * p, w * p)
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None,
+                output_router_logits: bool | None = None, output_hidden_states: bool | None = None,
+                return_dict: bool | None = None, **signals) -> MoezooDeweatherRestorationOutput:
+        """Restore ``pixel_values`` (B, in_channels, H, W) in [0, 1]; ``labels`` = the clean image (B, out_channels, H, W)."""
+        output_router_logits = (output_router_logits if output_router_logits is not None
+                                else self.config.output_router_logits)
+        out = self.model(pixel_values, output_router_logits=output_router_logits,
+                         output_hidden_states=output_hidden_states, **signals)
+        H, W = pixel_values.shape[-2:]
+        pre = self.tail(self.unpatchify(self.tail_proj(out.last_hidden_state), H, W))
+        recon = torch.sigmoid(pre)
+        if self.config.residual_learning:
+            recon = recon + pixel_values
+        loss = aux_loss = None
+        if labels is not None or output_router_logits:
+            aux_loss = self.compute_aux_loss(list(out.router_outputs))
+        if labels is not None:
+            if not torch.is_tensor(labels) or labels.shape != recon.shape:
+                shape = tuple(labels.shape) if torch.is_tensor(labels) else type(labels).__name__
+                raise ValueError(f"labels (the clean image) must have shape {tuple(recon.shape)}, got {shape}")
+            loss = F.l1_loss(recon, labels.to(recon.dtype))
+            if aux_loss is not None:
+                loss = loss + aux_loss.to(loss.dtype)
+        result = MoezooDeweatherRestorationOutput(loss=loss, aux_loss=aux_loss, reconstruction=recon,
+                                                  router_logits=out.router_logits, routing_weights=out.routing_weights,
+                                                  router_outputs=out.router_outputs, hidden_states=out.hidden_states)
+        return result if return_dict is not False else result.to_tuple()
+
+
+__all__ = ["MoezooDeweatherModel", "MoezooDeweatherForImageRestoration", "MoezooDeweatherPreTrainedModel",
+           "MoezooDeweatherModelOutput", "MoezooDeweatherRestorationOutput", "DeweatherTransformerBlock",
+           "DeweatherAttention", "PatchEmbed", "ResBlock", "block_kwargs"]

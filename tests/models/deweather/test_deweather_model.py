@@ -1,0 +1,160 @@
+"""deweather model: shapes at any patch-divisible size, clear errors, FME vs conventional MoE sizes, the uncertainty
+router inside the model (trains, gradients), the official offset option, residual learning, sparse == dense FME,
+experts-implementation switching of the conventional twin, and the model card through ``moezoo push --dry-run``."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import moezoo  # noqa: E402
+from moezoo.core import FMEMoELayer, MoELayer, UncertaintyRouter  # noqa: E402
+from moezoo.models.deweather import MoezooDeweatherConfig, MoezooDeweatherForImageRestoration  # noqa: E402
+
+TINY = "deweather_mofme_tiny_e4k2"
+
+
+def _tiny(name=TINY, **kw):
+    torch.manual_seed(0)
+    return moezoo.create_model(name, tiny=True, **kw)
+
+
+def test_any_size_divisible_by_patch_and_outputs():
+    model = _tiny().eval()
+    x = torch.rand(2, 3, 12, 20)
+    with torch.no_grad():
+        out = model(pixel_values=x)
+    assert out.reconstruction.shape == (2, 3, 12, 20) and out.loss is None
+    assert ((out.reconstruction > 0) & (out.reconstruction < 1)).all()  # sigmoid output
+    n_tok = (12 // 4) * (20 // 4)
+    assert len(out.router_logits) == 2 and out.router_logits[0].shape == (2 * n_tok, 4)
+    w = out.routing_weights[0]
+    assert w.shape == (2, n_tok, 4) and ((w > 0).sum(-1) == 2).all()
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, n_tok))
+    base = model.model(x)
+    assert base.last_hidden_state.shape == (2, n_tok, model.config.hidden_size)
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = _tiny().eval()
+    with pytest.raises(ValueError, match="divisible by patch_size=4"):
+        model(pixel_values=torch.rand(1, 3, 10, 16))
+    with pytest.raises(ValueError, match="in_channels=3"):
+        model(pixel_values=torch.rand(1, 1, 16, 16))
+    with pytest.raises(ValueError, match="labels"):
+        model(pixel_values=torch.rand(1, 3, 16, 16), labels=torch.rand(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="expert_type"):
+        MoezooDeweatherConfig(expert_type="moe")
+    with pytest.raises(ValueError, match="image_size"):
+        MoezooDeweatherConfig(image_size=30, patch_size=8)
+    with pytest.raises(ValueError, match="residual_learning"):
+        MoezooDeweatherConfig(residual_learning=True, out_channels=1)
+    with pytest.raises(ValueError, match="fme_implementation"):
+        MoezooDeweatherConfig(fme_implementation="fast")
+
+
+def test_fme_is_smaller_than_conventional_moe_with_the_same_backbone():
+    fme, ffn = _tiny(), _tiny("deweather_moe_tiny_e4k2")
+    assert all(isinstance(m, FMEMoELayer) for _, m in fme.moe_layers())
+    assert all(isinstance(m, MoELayer) for _, m in ffn.moe_layers())
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(fme) < n(ffn)
+    # same everything outside the MoE layers
+    rest = lambda m: {k: v.shape for k, v in m.state_dict().items() if ".mlp" not in k and "mlp_norm" not in k}  # noqa: E731
+    assert rest(fme) == rest(ffn)
+    # marginal cost of one more expert per layer (2 layers): FiLM 2W^2 + 2W vs FFN 2HI + I + H, + a router row with bias
+    H, W, I = 48, 48, 96
+    for kind, per_expert in (("mofme", 2 * W * W + 2 * W), ("moe", 2 * H * I + I + H)):
+        a = sum(p.numel() for p in _tiny(f"deweather_{kind}_tiny_e4k2").parameters())
+        b = sum(p.numel() for p in _tiny(f"deweather_{kind}_tiny_e4k2", num_experts=5).parameters())
+        assert b - a == 2 * (per_expert + H + 1)
+    s = fme.parameter_summary()
+    assert len(s["moe_layers"]) == 2 and s["active"] < s["total"]
+
+
+def test_uncertainty_router_model_trains():
+    model = _tiny(router_type="uncertainty", router_kwargs={"num_samples": 3, "input_dropout": 0.2})
+    assert all(isinstance(m.gate, UncertaintyRouter) for _, m in model.moe_layers())
+    g = torch.Generator().manual_seed(0)
+    clean = torch.rand(4, 3, 16, 16, generator=g)
+    noisy = (clean + 0.3 * torch.rand(4, 3, 16, 16, generator=g)).clamp(0, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    losses = []
+    for step in range(12):
+        out = model(pixel_values=noisy, labels=clean)
+        opt.zero_grad()
+        out.loss.backward()
+        if step == 0:
+            for _, layer in model.moe_layers():
+                assert layer.gate.weight.grad.abs().sum() > 0
+        opt.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < losses[0]
+    model.eval()
+    with torch.no_grad():  # deterministic eval routing
+        torch.testing.assert_close(model(pixel_values=noisy).reconstruction, model(pixel_values=noisy).reconstruction)
+
+
+def test_official_offset_leaves_last_expert_without_gradient():
+    model = _tiny(official_expert_offset=True).train()
+    out = model(**model.example_inputs(generator=torch.Generator().manual_seed(0)))
+    out.loss.backward()
+    for _, layer in model.moe_layers():
+        g = layer.experts.film_proj.grad
+        assert g[-1].abs().sum() == 0 and g[:-1].abs().sum() > 0
+
+
+def test_residual_learning_adds_the_input():
+    model = _tiny(residual_learning=True).eval()
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        r = model(pixel_values=x).reconstruction - x
+    assert ((r > 0) & (r < 1)).all()
+
+
+def test_sparse_and_dense_fme_give_the_same_model_output():
+    a = _tiny(fme_implementation="sparse").eval()
+    b = _tiny(fme_implementation="dense").eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(a(pixel_values=x).reconstruction, b(pixel_values=x).reconstruction,
+                                   atol=1e-6, rtol=1e-5)
+
+
+def test_conventional_twin_switches_experts_implementation():
+    model = _tiny("deweather_moe_tiny_e4k2").eval()
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(pixel_values=x).reconstruction
+        model.set_experts_implementation("eager")
+        torch.testing.assert_close(model(pixel_values=x).reconstruction, ref, atol=1e-6, rtol=1e-5)
+
+
+def test_card_renders_through_push_dry_run(tmp_path):
+    from moezoo.cli import main
+
+    model = _tiny()
+    model.save_pretrained(tmp_path / "m")
+    stage = tmp_path / "stage"
+    assert main(["push", str(tmp_path / "m"), "someone/mofme-tiny", "--dry-run", "--staging-dir", str(stage)]) == 0
+    text = (stage / "README.md").read_text()
+    meta = yaml.safe_load(text.split("---", 2)[1])
+    assert meta["pipeline_tag"] == "image-to-image" and "psnr" in meta["metrics"]
+    assert "deweather" in meta["tags"] or "moezoo_deweather" in " ".join(meta["tags"])
+    assert "AutoModelForImageToImage" in text and "someone/mofme-tiny" in text
+
+
+def test_registry_names_and_full_configs():
+    names = moezoo.list_models(family="deweather")
+    for E, K in ((4, 2), (8, 2), (16, 4)):
+        for kind, et in (("mofme", "fme"), ("moe", "ffn")):
+            cfg = moezoo.get_model_config(f"deweather_{kind}_s_e{E}k{K}")
+            assert (cfg.expert_type, cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size) == (et, E, K, 256)
+    assert {"deweather_mofme_tiny_e4k2", "deweather_moe_tiny_e4k2"} <= set(names)
+    assert isinstance(moezoo.create_model(TINY, tiny=True), MoezooDeweatherForImageRestoration)
