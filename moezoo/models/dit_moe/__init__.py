@@ -94,6 +94,22 @@ def dit_moe_g2_e16k2(config):
     return MoezooDiTMoeModel(config)
 
 
+def _register_patch_variant(size: str, patch: int, experts: int = 8, top_k: int = 2) -> None:
+    name = f"dit_moe_{size}{patch}_e{experts}k{top_k}"
+
+    def build(config):
+        return MoezooDiTMoeModel(config)
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = f"DiT-MoE-{size.upper()}/{patch}-{experts}E{top_k}A (latent 32x32x4, patch {patch})."
+    register_model(name, family="dit_moe", config=_dit_moe(size, patch, experts, top_k), tiny=_TINY_DIT)(build)
+
+
+# the remaining DiT size x patch grid (patch 4 and 8 trade sample quality for 4x / 16x fewer tokens)
+for _size, _patch in (("s", 8), ("b", 8), ("l", 4), ("l", 8), ("xl", 4), ("xl", 8)):
+    _register_patch_variant(_size, _patch)
+
+
 @register_model(family="dit_moe", config=_promoe("s"), tiny=_TINY_PRO)
 def promoe_s2_e12k1(config):
     """ProMoE-S/2: 12 prototype-routed experts top-1 + unconditional + shared expert in odd blocks, RCL."""
