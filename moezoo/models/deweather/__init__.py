@@ -2,7 +2,8 @@
 
 Registry names: ``deweather_mofme_<size>_e<E>k<K>`` (FME experts) and ``deweather_moe_<size>_e<E>k<K>`` (the same
 backbone with GELU FFN experts).  ``_s_``: the official MoWE defaults (256-wide tokens, patch 8, 4 heads x 64, mlp x4,
-conv head 32 channels x out_ch_scale 4; depth 4 as the paper's "origin" setting).  ``_tiny_``: a CPU-sized model.
+conv head 32 channels x out_ch_scale 4; depth 4 as the paper's "origin" setting) with a residual output
+(``output_mode="residual"``: input + correction, starts near the identity).  ``_tiny_``: a CPU-sized model.
 """
 from ...registry import register_family, register_model
 from .configuration_deweather import MoezooDeweatherConfig
@@ -15,11 +16,12 @@ register_family("deweather", config_class=MoezooDeweatherConfig, model_class=Moe
                 description="MoWE-layout restoration transformer with MoFME (FiLM-modulated shared FFN) or FFN experts")
 
 _S = dict(image_size=256, patch_size=8, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, head_dim=64,
-          mlp_ratio=4.0, head_channels=32, out_ch_scale=4, num_head_resblocks=2, dropout=0.1)
+          mlp_ratio=4.0, head_channels=32, out_ch_scale=4, num_head_resblocks=2, dropout=0.1, output_mode="residual")
 _TINY = dict(image_size=16, patch_size=4, hidden_size=48, num_hidden_layers=2, num_attention_heads=3, head_dim=16,
-             mlp_ratio=2.0, head_channels=8, out_ch_scale=2, num_head_resblocks=1, dropout=0.0)
+             mlp_ratio=2.0, head_channels=8, out_ch_scale=2, num_head_resblocks=1, dropout=0.0, output_mode="residual")
 _TINY_CFG = dict(image_size=64, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, head_dim=16,
-                 mlp_ratio=2.0, head_channels=16, out_ch_scale=2, num_head_resblocks=2, dropout=0.0)
+                 mlp_ratio=2.0, head_channels=16, out_ch_scale=2, num_head_resblocks=2, dropout=0.0,
+                 output_mode="residual")
 
 
 def _entry(name: str, expert_type: str, base: dict, E: int, K: int, doc: str):

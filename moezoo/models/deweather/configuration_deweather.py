@@ -7,6 +7,9 @@ from ...modeling_utils import MoezooConfig
 EXPERT_TYPES = ("fme", "ffn")
 
 
+OUTPUT_MODES = ("sigmoid", "sigmoid_residual", "residual")
+
+
 class MoezooDeweatherConfig(MoezooConfig):
     """An image-restoration transformer whose FFNs are MoE layers (MoWE layout, MoFME experts).
 
@@ -31,7 +34,13 @@ class MoezooDeweatherConfig(MoezooConfig):
         router_type: ``"topk"`` (official KeepTopK + softmax = softmax over the top-k logits, router with bias),
             ``"uncertainty"`` (:class:`moezoo.core.UncertaintyRouter`) or any core router; ``router_kwargs`` extra args.
         residual_learning: add the input image to the sigmoid output (official default True; their training
-            script disables it -> default False here).
+            script disables it -> default False here). Kept for converted checkpoints; ``output_mode`` says it all.
+        output_mode: how the tail output ``t`` becomes the image: ``"sigmoid"`` (``sigmoid(t)``, official),
+            ``"sigmoid_residual"`` (``sigmoid(t) + input``, official ``residual_learning=True``, range [0, 2]) or
+            ``"residual"`` (``input + t``; the tail's last conv starts near zero (std 1e-3), so an untrained model is
+            almost the identity and training starts at the degraded input's PSNR; clamped to [0, 1] in eval mode).
+            ``None`` (default) = ``"sigmoid_residual"`` if ``residual_learning`` else ``"sigmoid"``. The registered
+            models use ``"residual"``; converted official checkpoints keep the official mode.
         head_channels, num_head_resblocks, out_ch_scale, kernel_size: conv head / tail (official ``out_ch``,
             2 ResBlocks, ``out_ch_scale``, 3).
         dropout: attention-output and adaptor/expert dropout (official 0.1); embed_dropout after the patch embedding.
@@ -62,6 +71,7 @@ class MoezooDeweatherConfig(MoezooConfig):
     router_z_loss_coef: float = 0.0
     hidden_act: str = "gelu"
     residual_learning: bool = False
+    output_mode: str | None = None
     head_channels: int = 32
     num_head_resblocks: int = 2
     out_ch_scale: int = 4
@@ -90,8 +100,13 @@ class MoezooDeweatherConfig(MoezooConfig):
             raise ValueError(f"expert_type must be one of {EXPERT_TYPES}, got {self.expert_type!r}")
         if self.fme_implementation not in FME_IMPLEMENTATIONS:
             raise ValueError(f"fme_implementation must be one of {FME_IMPLEMENTATIONS}, got {self.fme_implementation!r}")
-        if self.residual_learning and self.in_channels != self.out_channels:
-            raise ValueError(f"residual_learning adds the input image: in_channels={self.in_channels} must equal "
+        if self.output_mode is None:
+            self.output_mode = "sigmoid_residual" if self.residual_learning else "sigmoid"
+        if self.output_mode not in OUTPUT_MODES:
+            raise ValueError(f"output_mode must be one of {OUTPUT_MODES} or None, got {self.output_mode!r}")
+        self.residual_learning = self.output_mode == "sigmoid_residual"
+        if self.output_mode != "sigmoid" and self.in_channels != self.out_channels:
+            raise ValueError(f"output_mode={self.output_mode!r} adds the input image: in_channels={self.in_channels} must equal "
                              f"out_channels={self.out_channels}")
         if self.intermediate_size is None:
             if not isinstance(self.mlp_ratio, (int, float)) or self.mlp_ratio <= 0:
@@ -125,4 +140,4 @@ class MoezooDeweatherConfig(MoezooConfig):
         return kwargs
 
 
-__all__ = ["MoezooDeweatherConfig", "EXPERT_TYPES"]
+__all__ = ["MoezooDeweatherConfig", "EXPERT_TYPES", "OUTPUT_MODES"]

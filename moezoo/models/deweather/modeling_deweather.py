@@ -48,7 +48,7 @@ class MoezooDeweatherRestorationOutput(ModelOutput):
     Attributes:
         loss: L1(reconstruction, labels) + ``aux_loss`` (only when ``labels`` are given).
         aux_loss: ``router_aux_loss_coef * switch balance (+ z-loss)`` over the MoE layers.
-        reconstruction: (B, out_channels, H, W) restored image (sigmoid output [+ input if ``residual_learning``]).
+        reconstruction: (B, out_channels, H, W) restored image (per the config's ``output_mode``).
         router_logits, routing_weights, router_outputs, hidden_states: as in :class:`MoezooDeweatherModelOutput`.
     """
 
@@ -183,7 +183,12 @@ class MoezooDeweatherPreTrainedModel(MoezooPreTrainedModel):
                 module.film_proj_bias[:, module.hidden_dim:].zero_()
         elif isinstance(module, nn.Conv2d):  # PyTorch's default conv init keeps the conv head/tail signal alive
             if not getattr(module.weight, "_is_hf_initialized", False):
-                module.reset_parameters()
+                if getattr(module, "_moezoo_near_zero_init", False):  # residual output: tail starts near 0
+                    init.normal_(module.weight, mean=0.0, std=1e-3)
+                    if module.bias is not None:
+                        init.zeros_(module.bias)
+                else:
+                    module.reset_parameters()
 
     def example_inputs(self, batch_size: int = 2, seq_len: int | None = None, labels: bool = True,
                        generator: torch.Generator | None = None) -> dict:
@@ -255,6 +260,8 @@ class MoezooDeweatherForImageRestoration(MoezooDeweatherPreTrainedModel):
         half = max(ch // 2, 1)
         self.tail_proj = nn.Linear(config.hidden_size, ch * p * p)
         self.tail = nn.Sequential(ResBlock(ch, k), _conv(ch, half, k), ResBlock(half, k), _conv(half, config.out_channels, k))
+        if config.output_mode == "residual":  # start near the identity map (see the config's output_mode)
+            self.tail[-1]._moezoo_near_zero_init = True
         self.post_init()
 
     def unpatchify(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -274,9 +281,15 @@ class MoezooDeweatherForImageRestoration(MoezooDeweatherPreTrainedModel):
                          output_hidden_states=output_hidden_states, **signals)
         H, W = pixel_values.shape[-2:]
         pre = self.tail(self.unpatchify(self.tail_proj(out.last_hidden_state), H, W))
-        recon = torch.sigmoid(pre)
-        if self.config.residual_learning:
-            recon = recon + pixel_values
+        mode = self.config.output_mode
+        if mode == "residual":
+            recon = pixel_values.to(pre.dtype) + pre
+            if not self.training:
+                recon = recon.clamp(0.0, 1.0)
+        else:
+            recon = torch.sigmoid(pre)
+            if mode == "sigmoid_residual":
+                recon = recon + pixel_values
         loss = aux_loss = None
         if labels is not None or output_router_logits:
             aux_loss = self.compute_aux_loss(list(out.router_outputs))

@@ -29,7 +29,7 @@ def test_any_size_divisible_by_patch_and_outputs():
     with torch.no_grad():
         out = model(pixel_values=x)
     assert out.reconstruction.shape == (2, 3, 12, 20) and out.loss is None
-    assert ((out.reconstruction > 0) & (out.reconstruction < 1)).all()  # sigmoid output
+    assert ((out.reconstruction >= 0) & (out.reconstruction <= 1)).all()  # residual output, clamped in eval
     n_tok = (12 // 4) * (20 // 4)
     assert len(out.router_logits) == 2 and out.router_logits[0].shape == (2 * n_tok, 4)
     w = out.routing_weights[0]
@@ -51,7 +51,7 @@ def test_bad_inputs_raise_clear_errors():
         MoezooDeweatherConfig(expert_type="moe")
     with pytest.raises(ValueError, match="image_size"):
         MoezooDeweatherConfig(image_size=30, patch_size=8)
-    with pytest.raises(ValueError, match="residual_learning"):
+    with pytest.raises(ValueError, match="adds the input image"):
         MoezooDeweatherConfig(residual_learning=True, out_channels=1)
     with pytest.raises(ValueError, match="fme_implementation"):
         MoezooDeweatherConfig(fme_implementation="fast")
@@ -110,7 +110,8 @@ def test_official_offset_leaves_last_expert_without_gradient():
 
 
 def test_residual_learning_adds_the_input():
-    model = _tiny(residual_learning=True).eval()
+    model = _tiny(output_mode="sigmoid_residual").eval()
+    assert model.config.residual_learning
     x = torch.rand(1, 3, 16, 16)
     with torch.no_grad():
         r = model(pixel_values=x).reconstruction - x
@@ -158,3 +159,27 @@ def test_registry_names_and_full_configs():
             assert (cfg.expert_type, cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size) == (et, E, K, 256)
     assert {"deweather_mofme_tiny_e4k2", "deweather_moe_tiny_e4k2"} <= set(names)
     assert isinstance(moezoo.create_model(TINY, tiny=True), MoezooDeweatherForImageRestoration)
+
+
+def test_residual_output_starts_near_identity_and_is_clamped_in_eval():
+    model = _tiny()
+    assert model.config.output_mode == "residual"
+    x = torch.rand(2, 3, 16, 16)
+    model.eval()
+    with torch.no_grad():
+        y = model(pixel_values=x).reconstruction
+    assert 0.0 <= float(y.min()) and float(y.max()) <= 1.0
+    assert (y - x).abs().max() < 0.05  # the tail's last conv starts at std 1e-3: almost the identity
+    model.train()
+    out = model(pixel_values=x, labels=x.flip(-1))
+    out.loss.backward()
+    assert model.tail[-1].weight.grad.abs().sum() > 0 and model.tail[0].body[0].weight.grad.abs().sum() > 0
+
+
+def test_output_mode_validation_and_official_default():
+    assert MoezooDeweatherConfig().output_mode == "sigmoid"
+    assert MoezooDeweatherConfig(residual_learning=True).output_mode == "sigmoid_residual"
+    with pytest.raises(ValueError, match="output_mode"):
+        MoezooDeweatherConfig(output_mode="tanh")
+    with pytest.raises(ValueError, match="in_channels"):
+        MoezooDeweatherConfig(output_mode="residual", out_channels=1)
