@@ -24,6 +24,7 @@ from ...core.experts import SharedExpert
 from ...core.layer import MoELayer
 from ...core.routers import RouterOutput
 from ...modeling_utils import MoezooPreTrainedModel
+from ...modeling_layers import RMSNorm as MoezooLMRMSNorm, apply_rope, eager_attention
 from .configuration_moezoo_lm import MoezooLMConfig
 
 
@@ -70,24 +71,6 @@ class MoezooLMCausalLMOutput(ModelOutput):
     router_outputs: tuple[RouterOutput, ...] | None = None
 
 
-class MoezooLMRMSNorm(nn.Module):
-    """RMSNorm computed in float32, scaled by a learned weight."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * h.to(dtype)
-
-    def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
-
-
 class MoezooLMRotaryEmbedding(nn.Module):
     """RoPE cos/sin tables from ``config.rope_parameters`` (any rope type of ``transformers.modeling_rope_utils``)."""
 
@@ -115,33 +98,6 @@ class MoezooLMRotaryEmbedding(nn.Module):
         freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Rotate (B, heads, S, D) queries and keys by the (B, S, D) tables."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **_):
-    """Plain softmax attention with grouped-query KV heads (the ``eager`` entry of the attention interface)."""
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        scores = scores + attention_mask[..., : key.shape[-2]]
-    probs = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
-    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
-    out = torch.matmul(probs, value).transpose(1, 2).contiguous()
-    return out, probs
 
 
 class MoezooLMAttention(nn.Module):

@@ -30,6 +30,7 @@ from ...core.layer import MoELayer
 from ...core.losses import switch_balance_loss
 from ...core.routers import RouterOutput
 from ...modeling_utils import MoezooPreTrainedModel
+from ...modeling_layers import RMSNorm as MoezooTimeMoeRMSNorm, apply_rope, eager_attention
 from .configuration_time_moe import MoezooTimeMoeConfig
 
 
@@ -78,21 +79,6 @@ class MoezooTimeMoeOutput(ModelOutput):
     router_outputs: tuple[RouterOutput, ...] | None = None
 
 
-class MoezooTimeMoeRMSNorm(nn.Module):
-    """RMSNorm computed in float32, scaled by a learned weight."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * h.to(dtype)
-
-
 class MoezooTimeMoeInputEmbedding(nn.Module):
     """Point embedding ``act(gate_layer(x)) * emb_layer(x)`` (two bias-free ``Linear(input_size, hidden)``)."""
 
@@ -112,29 +98,6 @@ def rope_tables(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: 
     freqs = position_ids[..., None].float() * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **_):
-    """Softmax attention with grouped-query KV heads (the ``eager`` entry of the attention interface)."""
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask[..., : key.shape[-2]], torch.finfo(scores.dtype).min)
-        else:
-            scores = scores + attention_mask[..., : key.shape[-2]]
-    probs = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
-    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
-    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
 
 
 class MoezooTimeMoeAttention(nn.Module):
@@ -162,8 +125,7 @@ class MoezooTimeMoeAttention(nn.Module):
         q = self.q_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)
-        cos, sin = (t.unsqueeze(1) for t in position_embeddings)
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        q, k = apply_rope(q, k, *position_embeddings)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,

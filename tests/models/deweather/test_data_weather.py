@@ -18,14 +18,6 @@ from moezoo.metrics import restoration as R  # noqa: E402
 SMALL = dict(photo_size=48, crop_size=16, train_variants=1, test_variants=1, train_crops=3, test_crops=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("weather")

@@ -18,14 +18,6 @@ REPO = Path(__file__).resolve().parents[3]
 WEATHERS = {"rain", "snow", "fog", "raindrop", "overall"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _run_script():
     spec = importlib.util.spec_from_file_location("deweather_eval", REPO / "eval" / "deweather" / "run.py")
     mod = importlib.util.module_from_spec(spec)

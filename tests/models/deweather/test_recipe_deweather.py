@@ -24,14 +24,6 @@ TINY_DATA = ["data.photo_size=40", "data.crop_size=32", "data.train_variants=1",
              "trainer.progress_bar=false"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _script():
     spec = importlib.util.spec_from_file_location("deweather_train", REPO / "training" / "deweather" / "train.py")
     mod = importlib.util.module_from_spec(spec)

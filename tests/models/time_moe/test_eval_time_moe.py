@@ -23,15 +23,6 @@ ETTH1 = SHARED / "data" / "ett" / "ETTh1.csv"
 needs_etth1 = pytest.mark.skipif(not ETTH1.is_file(), reason=f"ETTh1 not found at {ETTH1}")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster than several (and does not spin on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("use_torchmetrics", [True, False])
 def test_metrics_match_numpy(use_torchmetrics):
     if use_torchmetrics:

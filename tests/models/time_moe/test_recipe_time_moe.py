@@ -24,15 +24,6 @@ ROOT = Path(__file__).resolve().parents[3]
 CONFIGS = ROOT / "training" / "time_moe" / "configs"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster than several (and does not spin on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _load_script():
     spec = importlib.util.spec_from_file_location("time_moe_train_script", ROOT / "training" / "time_moe" / "train.py")
     mod = importlib.util.module_from_spec(spec)
