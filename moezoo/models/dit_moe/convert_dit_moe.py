@@ -190,17 +190,22 @@ def convert_state_dict(state_dict: dict, config: MoezooDiTMoeConfig) -> dict:
     return out
 
 
-def load_model(official: dict, state_dict: dict):
-    """Build the moezoo model for an official DiT-MoE config + state dict (strict load)."""
+def model_with_weights(config, converted: dict):
+    """A :class:`MoezooDiTMoeModel` of ``config`` holding the converted weights; every key must fit (eval mode)."""
     from .modeling_dit_moe import MoezooDiTMoeModel
 
-    config = config_from_official(official, state_dict)
     model = MoezooDiTMoeModel(config)
-    missing, unexpected = model.load_state_dict(convert_state_dict(state_dict, config), strict=False)
+    missing, unexpected = model.load_state_dict(converted, strict=False)
     if missing or unexpected:
         raise ValueError(f"converted weights do not fit the model: missing {sorted(missing)[:8]}, unexpected "
                          f"{sorted(unexpected)[:8]}")
     return model.eval()
+
+
+def load_model(official: dict, state_dict: dict):
+    """Build the moezoo model for an official DiT-MoE config + state dict (strict load)."""
+    config = config_from_official(official, state_dict)
+    return model_with_weights(config, convert_state_dict(state_dict, config))
 
 
 @register_converter("dit-moe")
@@ -215,4 +220,5 @@ def convert_dit_moe(src, dst, *, config=None, allow_pickle: bool = False, **opti
 
 
 __all__ = ["config_from_official", "convert_state_dict", "load_model", "load_official", "convert_dit_moe",
+           "model_with_weights",
            "backbone_sizes"]

@@ -131,15 +131,10 @@ def convert_state_dict(state_dict: dict, config: MoezooDiTMoeConfig) -> dict:
 
 def load_model(official: dict, state_dict: dict):
     """Build the moezoo model for an official ProMoE config + state dict (strict load)."""
-    from .modeling_dit_moe import MoezooDiTMoeModel
+    from .convert_dit_moe import model_with_weights
 
     config = config_from_official(official, state_dict)
-    model = MoezooDiTMoeModel(config)
-    missing, unexpected = model.load_state_dict(convert_state_dict(state_dict, config), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"converted weights do not fit the model: missing {sorted(missing)[:8]}, unexpected "
-                         f"{sorted(unexpected)[:8]}")
-    return model.eval()
+    return model_with_weights(config, convert_state_dict(state_dict, config))
 
 
 @register_converter("promoe")
