@@ -371,6 +371,23 @@ def test_atomic_checkpoints_leftovers_rotation_and_contents(tmp_path):
     assert tr.step == 0 and find_checkpoints(tmp_path) == []
 
 
+class NotAllowed:
+    """A class torch's weights_only unpickler refuses."""
+
+
+def test_unsafe_or_missing_rng_state_is_refused_not_skipped(tmp_path):
+    # accelerate's load_state swallows any error while restoring RNG states; the Trainer must not resume silently
+    torch.manual_seed(0)
+    Trainer(MLP(), cfg(tmp_path, max_steps=2, save_every=2), Regression(n=16), loss_fn=mse_loss).train()
+    rng_file = tmp_path / "checkpoint-2" / "random_states_0.pkl"
+    torch.save({"torch_manual_seed": torch.get_rng_state(), "payload": NotAllowed()}, rng_file)
+    with pytest.raises(RuntimeError, match="weights_only"):
+        Trainer(MLP(), cfg(tmp_path, max_steps=3), Regression(n=16), loss_fn=mse_loss)
+    rng_file.unlink()
+    with pytest.raises(FileNotFoundError, match="RNG state"):
+        Trainer(MLP(), cfg(tmp_path, max_steps=3), Regression(n=16), loss_fn=mse_loss)
+
+
 def test_ema_matches_hand_computed(tmp_path):
     torch.manual_seed(0)
     m = nn.Linear(3, 1)
