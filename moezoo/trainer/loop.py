@@ -133,6 +133,9 @@ class Trainer:
         if config.ema_decay is not None:
             from diffusers.training_utils import EMAModel
 
+            if self._sharded():  # each process holds only a shard of the weights
+                raise ValueError("ema_decay is not supported with FSDP / DeepSpeed sharding; set ema_decay=None")
+
             self.ema_model = copy.deepcopy(model).float().eval().requires_grad_(False)
             # a constant decay from the first step: diffusers' warm-up ((1 + n) / (10 + n)) is capped from below by
             # min_decay, and update_after_step=-1 makes the first update already an average (not a copy)
