@@ -6,8 +6,9 @@
   multi-GPU/NPU/XPU/... groups; on CPU processes (``cpu=True``, gloo) ``AcceleratorState`` stays ``MULTI_CPU``, the
   ``FullyShardedDataParallelPlugin`` is ignored without an error and ``prepare`` returns a DDP model.  The Trainer
   refuses ``ACCELERATE_USE_FSDP=true`` there with a clear error instead of silently training with DDP; what runs on
-  CPU is tested: the 2-process checkpoint + exact resume (DDP), and torch's FSDP2 (``fully_shard`` over gloo, applied
-  by transformers with ``fsdp_size=2``) on the dense modules in the EP checks below, gradients equal to one process;
+  CPU is tested: the 2-process Trainer checkpoint + exact resume (DDP), and torch's FSDP2 (``fully_shard`` over gloo,
+  applied by transformers with ``DistributedConfig(fsdp_size=2)``): ``moezoo_lm`` trained fully sharded, checkpointed
+  with ``torch.distributed.checkpoint`` and resumed exactly, and the dense modules of the EP checks below;
 - expert parallelism with transformers' EP plans (``from_pretrained(..., distributed_config=DistributedConfig(
   ep_size=2, fsdp_size=2))``, the plan taken from each config's ``base_model_ep_plan``) for ``moezoo_lm``,
   ``time_moe``, ``dit_moe`` and ProMoE: outputs and gradients equal to the same model in one process.
@@ -147,3 +148,11 @@ def test_expert_parallel_equals_one_process(group, name):
         assert e["out_diff"] < 1e-5 and e["loss_diff"] < 1e-5 and e["grad_diff"] < 1e-5, e
     if name == "promoe":  # the per-expert biases are sharded too (they were left whole by the old hard-coded plan)
         assert any(n.endswith("up_proj_bias") for n in results[0]["ep"][name]["sharded"])
+
+
+def test_fsdp2_training_checkpoint_and_exact_resume(group):
+    for r in group[0]:
+        f = r["fsdp2"]
+        assert f["n_sharded"] == f["n_params"]  # every parameter is a DTensor shard
+        assert f["resumed"] == f["straight"][2:] and f["params_equal"]
+        assert len(set(f["straight"])) == 4  # the steps did change the model

@@ -8,7 +8,9 @@ It writes ``result_<rank>.json`` (and the DDP runs' final weights) into the fold
   gradients against the same model in one process;
 - ``ddp``: the moezoo Trainer on 2 processes (accelerate, DDP over gloo), straight and killed after a checkpoint +
   resumed;
-- ``fsdp``: ``ACCELERATE_USE_FSDP=true`` on CPU processes is refused with a clear error.
+- ``fsdp``: ``ACCELERATE_USE_FSDP=true`` on CPU processes is refused with a clear error;
+- ``fsdp2``: torch's FSDP2 through transformers (``DistributedConfig(fsdp_size=2)``) trains ``moezoo_lm``, saves a
+  sharded checkpoint with ``torch.distributed.checkpoint`` and resumes from it exactly.
 """
 from __future__ import annotations
 
@@ -89,6 +91,52 @@ def check_ep(spec: dict, rank: int, world: int) -> dict:
                    local_experts=[m.num_experts for n, m in model.named_modules() if n.endswith("mlp.experts")][:1])
         results[name] = res
     return results
+
+
+def check_fsdp2_resume(spec: dict, rank: int, world: int, out: Path) -> dict:
+    """torch's FSDP2 (transformers' ``DistributedConfig(fsdp_size=2)``) training of one family on CPU, with a sharded
+    checkpoint (``torch.distributed.checkpoint``) after step 2 and an exact resume from it."""
+    import importlib
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from transformers.distributed import DistributedConfig
+
+    entry = spec["ep"]["moezoo_lm"]
+    module, qualname = entry["cls"].split(":")
+    cls = getattr(importlib.import_module(module), qualname)
+
+    def build():
+        model = cls.from_pretrained(entry["path"], distributed_config=DistributedConfig(fsdp_size=world)).train()
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    def step(model, opt, i):
+        batch = _batches("lm", model.config, world, seed=100 * i)[rank]
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    ckpt = out / "fsdp2_ckpt"
+    model, opt = build()
+    n_sharded = sum(hasattr(p, "to_local") for p in model.parameters())
+    straight = []
+    for i in range(4):
+        straight.append(step(model, opt, i))
+        if i == 1:
+            msd, osd = get_state_dict(model, opt)
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(ckpt))
+    final = {n: p.to_local().clone() for n, p in model.named_parameters()}
+    model, opt = build()
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=str(ckpt))
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    resumed = [step(model, opt, i) for i in (2, 3)]
+    same = all(torch.equal(final[n], p.to_local()) for n, p in model.named_parameters())
+    return {"straight": straight, "resumed": resumed, "params_equal": same, "n_sharded": n_sharded,
+            "n_params": len(final)}
 
 
 class _Kill(Exception):
@@ -188,7 +236,9 @@ def main(out: Path) -> None:
             raise RuntimeError("accelerate did not initialise torch.distributed")
         t1 = time.perf_counter()
         result["ep"] = check_ep(spec, rank, world)
-        result["seconds"] = {"ddp": t1 - t0, "ep": time.perf_counter() - t1}
+        t2 = time.perf_counter()
+        result["fsdp2"] = check_fsdp2_resume(spec, rank, world, out)
+        result["seconds"] = {"ddp": t1 - t0, "ep": t2 - t1, "fsdp2": time.perf_counter() - t2}
     except Exception:
         result["error"] = traceback.format_exc()
     (out / f"result_{rank}.json").write_text(json.dumps(result))
