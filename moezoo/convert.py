@@ -188,7 +188,7 @@ def load_state_dict(path: str | Path, *, allow_pickle: bool = False) -> dict[str
     """Read weights from a ``.safetensors`` file, a sharded/unsharded folder, or (``allow_pickle=True``) a pickle."""
     from safetensors.torch import load_file
 
-    from .modeling_utils import PICKLE_SUFFIXES, PickleCheckpointError, pickle_refusal_message
+    from .safety import PICKLE_SUFFIXES, PickleCheckpointError, pickle_refusal_message
 
     path = Path(path)
     if path.is_dir():

@@ -15,9 +15,6 @@ What the bases give every family:
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
@@ -26,41 +23,8 @@ from transformers import initialization as init
 from .core.experts import DEFAULT_EXPERTS_IMPLEMENTATION, ZeroFlopExperts, _ExpertsBase
 from .core.layer import MoELayer
 from .core.losses import router_z_loss, switch_balance_loss
-from .core.routers import ROUTERS, RouterOutput
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-SAFE_SUFFIXES = (".safetensors",)
-
-
-class PickleCheckpointError(ValueError):
-    """A checkpoint that can only be read by unpickling (arbitrary code execution) and the caller did not opt in."""
-
-
-def pickle_refusal_message(what: str) -> str:
-    return (f"{what} is a pickled checkpoint (pytorch_model.bin / .pt / .pth); moezoo loads safetensors only because "
-            "unpickling can run arbitrary code. If you trust its source, pass allow_pickle=True (CLI: --allow-pickle), "
-            "or convert it once with safetensors.torch.save_file and load the .safetensors file.")
-
-
-def check_no_pickle(path: str | os.PathLike, subfolder: str = "") -> None:
-    """Raise :class:`PickleCheckpointError` if the local ``path`` holds only pickled weights (no safetensors).
-
-    Hub ids (non-local paths) are left to ``use_safetensors=True`` in :meth:`MoezooPreTrainedModel.from_pretrained`.
-    """
-    p = Path(path)
-    if p.is_file():
-        if p.suffix.lower() in PICKLE_SUFFIXES:
-            raise PickleCheckpointError(pickle_refusal_message(f"{str(p)!r}"))
-        return
-    folder = p / subfolder if subfolder else p
-    if not folder.is_dir():
-        return
-    names = [q.name for q in folder.iterdir() if q.is_file()]
-    has_safe = any(n.endswith(SAFE_SUFFIXES) or n.endswith(".safetensors.index.json") for n in names)
-    pickled = sorted(n for n in names if n.lower().endswith(PICKLE_SUFFIXES) or n.endswith(".bin.index.json"))
-    if pickled and not has_safe:
-        raise PickleCheckpointError(pickle_refusal_message(f"folder {str(folder)!r} ({', '.join(pickled)})"))
-
+from .core.routing import ROUTERS, Router, RouterOutput
+from .safety import PickleCheckpointError, check_no_pickle, pickle_refusal_message
 
 class MoezooConfig(PretrainedConfig):
     """Base config of moezoo models: the MoE fields of the shared backbone, named as in transformers.
@@ -168,7 +132,7 @@ class MoezooPreTrainedModel(PreTrainedModel):
             if module._bias:
                 init.zeros_(module.in_proj_bias)
                 init.zeros_(module.down_proj_bias)
-        elif isinstance(module, tuple(ROUTERS.values())):
+        elif isinstance(module, Router):
             if isinstance(getattr(module, "weight", None), nn.Parameter):
                 init.normal_(module.weight, mean=0.0, std=std)
             if isinstance(getattr(module, "bias", None), nn.Parameter):
@@ -296,9 +260,3 @@ class MoezooPreTrainedModel(PreTrainedModel):
         ids = torch.randint(0, vocab, (batch_size, seq_len), generator=generator)
         return {"input_ids": ids, "labels": ids.clone()} if labels else {"input_ids": ids}
 
-
-def format_count(n: float) -> str:
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= div:
-            return f"{n / div:.2f}{unit}"
-    return str(int(n))

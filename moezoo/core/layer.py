@@ -6,7 +6,8 @@ from torch import nn
 
 from .dispatch import apply_capacity
 from .experts import ExpertsImplementationConfig, ZeroFlopExperts, SharedExpert, build_experts
-from .routers import RouterOutput, build_router, finish, router_parameters, samples_of_tokens
+from .routing import RouterOutput, build_router, router_parameters
+from .routing.output import samples_of_tokens
 
 # implementations that understand the sentinel id ``num_experts`` natively
 _SENTINEL_AWARE = {"moezoo", "eager", None}
@@ -18,7 +19,7 @@ class MoELayer(nn.Module):
     Keyword args (all explicit; families translate their configs into these):
         hidden_size, num_experts, num_experts_per_tok, moe_intermediate_size: H, E (routed FFN experts), k, I.
         hidden_act, expert_bias, gated_experts, up_first: expert MLP form (SwiGLU by default; see ``Experts``).
-        router_type: a name in :data:`moezoo.core.routers.ROUTERS` (``"topk"`` by default).
+        router_type: a name in :data:`moezoo.core.routing.ROUTERS` (``"topk"`` by default).
         router: a ready router module (overrides ``router_type``); it must return a :class:`RouterOutput`.
         router_kwargs: extra keyword arguments for the router constructor (``scoring_func``, ``norm_topk_prob``,
             ``n_group``, ``top_p``, ...).
@@ -218,7 +219,7 @@ class MoELayer(nn.Module):
 
         logits = widen(base.logits, torch.finfo(base.logits.dtype).min, 0.0)
         probs = widen(base.probs, 0.0, 1.0)
-        return finish(logits, probs, indices, weights, R, base.aux_loss, routed_output=base,
+        return RouterOutput.from_selection(logits, probs, indices, weights, R, base.aux_loss, routed_output=base,
                       routed_token_index=cond_idx, uncond_token_mask=null_tok, uncond_expert_id=E)
 
 

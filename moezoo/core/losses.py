@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .routers import RouterOutput, token_mask_weights
+from .routing.output import RouterOutput, token_mask_weights
 from .stats import expert_counts
 
 
@@ -337,7 +337,7 @@ def mutual_information_loss(features, condition: torch.Tensor | None = None, *, 
 
 
 def modality_balance_loss(router_output: RouterOutput, *, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-modality Switch balance loss of a :class:`moezoo.core.routers.ModalityRouter` output -> (M,) losses.
+    """Per-modality Switch balance loss of a :class:`moezoo.core.routing.ModalityRouter` output -> (M,) losses.
 
     For modality m, over its tokens (``attention_mask`` entries of those tokens as the mask): the Switch loss in the
     modality's own pool — ``w_m * sum_e f_e P_e`` with ``f`` the masked fraction of routing slots (per rank slot, summed)

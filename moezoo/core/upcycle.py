@@ -38,7 +38,7 @@ Drop-in module
 :class:`UpcycledMoE` *is* a ``MoELayer`` (so the parameter paths are ``...mlp.gate.weight``,
 ``...mlp.experts.gate_up_proj``, ``...mlp.experts.down_proj`` and transformers' EP plans / peft's
 ``target_parameters`` apply), whose ``forward(hidden_states)`` returns only the tensor that HF decoder layers expect
-and keeps the :class:`~moezoo.core.routers.RouterOutput` in ``last_router_output``.  ``collect_router_outputs(model)``
+and keeps the :class:`~moezoo.core.routing.RouterOutput` in ``last_router_output``.  ``collect_router_outputs(model)``
 gathers them in layer order for :func:`moezoo.core.losses.switch_balance_loss` (``upcycled_balance_loss`` does both).
 
 Experts implementation
@@ -66,7 +66,7 @@ from torch import nn
 from .experts import ExpertsImplementationConfig
 from .layer import MoELayer
 from .losses import switch_balance_loss
-from .routers import RouterOutput
+from .routing.output import RouterOutput
 
 __all__ = ["UpcycledMoE", "upcycle_mlp", "upcycle_model", "find_dense_mlps", "collect_router_outputs",
            "clear_router_outputs", "upcycled_balance_loss", "load_upcycled", "dense_mlp_weights"]

@@ -1,7 +1,7 @@
 """DriveMoE action-expert MoE MLP + action router + camera (scene) router.
 
 - ``moe_mlp`` -> ``MoELayer(router_type="pooled")`` with GemmaMLP experts (``hidden_act="gelu_tanh"``); its gate is a
-  :class:`moezoo.core.routers.PooledRouter` holding the official ``MLPRouter`` weights (``router_linear.weight`` ->
+  :class:`moezoo.core.routing.PooledRouter` holding the official ``MLPRouter`` weights (``router_linear.weight`` ->
   ``gate.weight``, ``temperature``): per-sample ``mean_seq(W h) / |temperature|``, softmax fp32, top-k renormalised
   without epsilon, shared by all tokens of a sample. The official model computes these logits once, from the hidden
   states of the layer before the first MoE layer: ``run`` passes them as ``router_hidden_states=``.

@@ -14,7 +14,7 @@ from moezoo.core import MoELayer, build_router
 from moezoo.core.losses import (modality_balance_loss, mutual_information_loss, sequence_balance_loss,
                                 switch_balance_loss)
 from moezoo.core.modules import CameraRouter
-from moezoo.core.routers import (ConditionRouter, ModalityRouter, PooledRouter, RouterOutput, expand_per_sample,
+from moezoo.core.routing import (ConditionRouter, ModalityRouter, PooledRouter, RouterOutput, expand_per_sample,
                                  next_token_modality_ids)
 
 H = 12

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moezoo.core import MoELayer, RoutingStats, build_router, switch_balance_loss
-from moezoo.core.routers import ROUTERS, ExpertChoiceRouter, TopKRouter, jitter
+from moezoo.core.routing import ROUTERS, ExpertChoiceRouter, TopKRouter, jitter
 
 
 def _reference_expert_choice(probs: torch.Tensor, capacity: int) -> torch.Tensor:

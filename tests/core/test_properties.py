@@ -15,7 +15,7 @@ import moezoo.core.experts as experts_mod
 from moezoo.core import MoELayer
 from moezoo.core.dispatch import apply_capacity, expert_capacity
 from moezoo.core.experts import build_experts, sort_by_expert
-from moezoo.core.routers import ROUTERS, ExpertChoiceRouter, RouterOutput, TopKRouter, finish
+from moezoo.core.routing import ROUTERS, ExpertChoiceRouter, RouterOutput, TopKRouter
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -170,7 +170,7 @@ def test_apply_capacity_never_exceeds_capacity(case, cf, policy):
     E, idx, w, _ = case
     R = E  # ids >= E are sentinels here
     T, K = idx.shape
-    ro = finish(torch.zeros(T, R), torch.full((T, R), 1.0 / R), idx, w, R)
+    ro = RouterOutput.from_selection(torch.zeros(T, R), torch.full((T, R), 1.0 / R), idx, w, R)
     out = apply_capacity(ro, R, cf, policy=policy)
     cap = expert_capacity(T, R, K, cf)
     assert out.extras["capacity"] == cap
@@ -239,7 +239,7 @@ class _FixedRouter(nn.Module):
     def forward(self, x, **_):
         T = x.shape[0]
         probs = torch.full((T, self.num_experts), 1.0 / self.num_experts)
-        return finish(probs.log(), probs, self.indices, self.weights, self.num_experts)
+        return RouterOutput.from_selection(probs.log(), probs, self.indices, self.weights, self.num_experts)
 
 
 @SETTINGS

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moezoo.core import MoELayer, PrototypeRouter, RouterOutput, routing_contrastive_loss, switch_balance_loss
-from moezoo.core.routers import ROUTERS
+from moezoo.core.routing import ROUTERS
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
 

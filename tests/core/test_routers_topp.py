@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 from moezoo.core import MoELayer
 from moezoo.core.losses import switch_balance_loss, unimoe_audio_balance_loss
-from moezoo.core.routers import (GatingResidualRouter, NullExpertTopKRouter, TopPRouter, build_router,
+from moezoo.core.routing import (GatingResidualRouter, NullExpertTopKRouter, TopPRouter, build_router,
                                  sparsemixer_eval_multipliers)
 
 

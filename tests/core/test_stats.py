@@ -11,7 +11,7 @@ import torch
 
 from moezoo.core import MoELayer, RoutingStats, expert_load, routing_entropy
 from moezoo.core.dispatch import apply_capacity
-from moezoo.core.routers import finish
+from moezoo.core.routing import RouterOutput
 from moezoo.core.stats import expert_counts
 
 
@@ -19,7 +19,7 @@ def _ro(idx, R, probs=None, **extras):
     idx = torch.as_tensor(idx)
     T = idx.shape[0]
     probs = torch.full((T, R), 1.0 / R) if probs is None else probs
-    return finish(probs.log(), probs, idx, torch.ones(idx.shape, dtype=torch.float32), R, **extras)
+    return RouterOutput.from_selection(probs.log(), probs, idx, torch.ones(idx.shape, dtype=torch.float32), R, **extras)
 
 
 def test_expert_load_counts_slots_and_skips_sentinels():

@@ -17,7 +17,7 @@ from transformers.utils import ModelOutput
 
 from ...core.fme import FMEExperts, FMEMoELayer
 from ...core.layer import MoELayer
-from ...core.routers import RouterOutput
+from ...core import RouterOutput
 from ...modeling_utils import MoezooPreTrainedModel
 from .configuration_deweather import MoezooDeweatherConfig
 

@@ -22,7 +22,7 @@ from transformers.utils import ModelOutput
 from ...core.experts import ZeroFlopExperts, _ExpertsBase
 from ...core.layer import MoELayer
 from ...core.losses import router_z_loss, routing_contrastive_loss, switch_balance_loss
-from ...core.routers import ROUTERS, PrototypeRouter, RouterOutput, router_parameters
+from ...core.routing import PrototypeRouter, Router, RouterOutput, router_parameters
 from ...modeling_utils import MoezooPreTrainedModel
 from .configuration_dit_moe import MoezooDiTMoeConfig
 
@@ -188,7 +188,7 @@ class MoezooDiTMoePreTrainedModel(MoezooPreTrainedModel):
                 init.zeros_(module.down_proj_bias)
         elif isinstance(module, PrototypeRouter):
             init.normal_(module.weight, mean=0.0, std=cfg.initializer_range)
-        elif isinstance(module, tuple(ROUTERS.values())):
+        elif isinstance(module, Router):
             for name, p in module.named_parameters(recurse=False):
                 if p.dim() == 2:
                     init.kaiming_uniform_(p, a=math.sqrt(5))

@@ -22,7 +22,7 @@ from transformers.utils import ModelOutput
 
 from ...core.experts import SharedExpert
 from ...core.layer import MoELayer
-from ...core.routers import RouterOutput
+from ...core import RouterOutput
 from ...modeling_utils import MoezooPreTrainedModel
 from ...modeling_layers import RMSNorm as MoezooLMRMSNorm, apply_rope, eager_attention
 from .configuration_moezoo_lm import MoezooLMConfig

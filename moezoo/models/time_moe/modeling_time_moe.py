@@ -28,7 +28,7 @@ from transformers.utils import ModelOutput
 from ...core.experts import SharedExpert, get_activation
 from ...core.layer import MoELayer
 from ...core.losses import switch_balance_loss
-from ...core.routers import RouterOutput
+from ...core import RouterOutput
 from ...modeling_utils import MoezooPreTrainedModel
 from ...modeling_layers import RMSNorm as MoezooTimeMoeRMSNorm, apply_rope, eager_attention
 from .configuration_time_moe import MoezooTimeMoeConfig

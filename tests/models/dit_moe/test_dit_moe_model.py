@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import dit_moe_reference as ref  # noqa: E402
 import moezoo  # noqa: E402
 from moezoo.core import MoELayer, switch_balance_loss  # noqa: E402
-from moezoo.core.routers import ROUTERS  # noqa: E402
+from moezoo.core.routing import ROUTERS  # noqa: E402
 from moezoo.models.dit_moe import MoezooDiTMoeConfig, MoezooDiTMoeModel  # noqa: E402
 
 SMALL = dict(sample_size=8, in_channels=3, patch_size=2, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
