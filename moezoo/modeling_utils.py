@@ -77,23 +77,6 @@ class MoezooConfig(PretrainedConfig):
             raise ValueError(f"capacity_factor must be > 0 or None, got {self.capacity_factor!r}")
         super().__post_init__(**kwargs)
 
-    def moe_layer_kwargs(self, **overrides) -> dict:
-        """Keyword arguments of :class:`moezoo.core.MoELayer` for this config (``overrides`` win)."""
-        if not isinstance(getattr(self, "hidden_size", None), int):
-            raise ValueError(f"{type(self).__name__} needs an int hidden_size field to build MoE layers")
-        router_kwargs = dict(self.router_kwargs or {})
-        if self.router_type == "topk":
-            router_kwargs.setdefault("norm_topk_prob", self.norm_topk_prob)
-        kwargs = dict(
-            hidden_size=self.hidden_size, num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
-            moe_intermediate_size=self.moe_intermediate_size, hidden_act=self.hidden_act, router_type=self.router_type,
-            router_kwargs=router_kwargs, num_shared_experts=self.num_shared_experts,
-            shared_intermediate_size=self.shared_intermediate_size, shared_expert_gate=self.shared_expert_gate,
-            capacity_factor=self.capacity_factor, drop_policy=self.drop_policy, experts_config=self,
-        )
-        kwargs.update(overrides)
-        return kwargs
-
 
 class MoezooPreTrainedModel(PreTrainedModel):
     """Base of every moezoo model (see the module docstring)."""
@@ -238,8 +221,9 @@ class MoezooPreTrainedModel(PreTrainedModel):
             router = m.gate
             layers.append({
                 "name": name, "num_experts": m.num_experts, "top_k": k, "routable": m.num_routable,
-                "router": type(router).__name__, "router_type": m.init_kwargs.get("router_type"),
-                "scoring": getattr(router, "scoring_func", None), "shared_experts": m.init_kwargs.get("num_shared_experts", 0),
+                "router": type(router).__name__, "router_type": getattr(m, "init_kwargs", {}).get("router_type"),
+                "scoring": getattr(router, "scoring_func", None),
+                "shared_experts": getattr(m, "init_kwargs", {}).get("num_shared_experts", 0),
                 "expert_params": expert_params,
             })
         return {"total": total, "active": int(round(total - inactive)), "moe_layers": layers}

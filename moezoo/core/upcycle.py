@@ -64,7 +64,7 @@ import torch
 from torch import nn
 
 from .experts import ExpertsImplementationConfig
-from .layer import MoELayer
+from .layer import MoELayer, build_moe_layer
 from .losses import switch_balance_loss
 from .routing.output import RouterOutput
 
@@ -92,9 +92,10 @@ class UpcycledMoE(MoELayer):
     All other keyword arguments are those of :class:`MoELayer`.
     """
 
-    def __init__(self, *, store_router_output: bool = True, **kwargs):
-        super().__init__(**kwargs)
-        self.store_router_output = store_router_output
+    store_router_output: bool = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.last_router_output: RouterOutput | None = None
 
     def forward_with_router(self, hidden_states: torch.Tensor, **signals) -> tuple[torch.Tensor, RouterOutput]:
@@ -258,15 +259,16 @@ def upcycle_mlp(mlp: nn.Module, *, num_experts: int = 8, num_experts_per_tok: in
                 router_type=router_type,
                 router_kwargs=router_kwargs, num_shared_experts=num_shared_experts, shared_intermediate_size=inter,
                 shared_expert_gate=shared_expert_gate, experts_config=experts_config or ExpertsImplementationConfig(),
-                store_router_output=store_router_output, **kwargs)
+                layer_class=UpcycledMoE, **kwargs)
     # The FFN weights are overwritten below, so build the layer on the meta device (no random init of E dense-sized
     # experts) and take every other tensor (router, zero-FLOP experts, ...) from a twin with 1-wide FFNs, which gets
     # each module's own default init.
     with torch.device("meta"):
-        layer = UpcycledMoE(**ctor)
+        layer = build_moe_layer(**ctor)
     layer = layer.to_empty(device=device)
+    layer.store_router_output = store_router_output
     with torch.device(device):
-        twin = UpcycledMoE(**{**ctor, "moe_intermediate_size": 1, "shared_intermediate_size": 1})
+        twin = build_moe_layer(**{**ctor, "moe_intermediate_size": 1, "shared_intermediate_size": 1})
     target = dict(layer.named_parameters()) | dict(layer.named_buffers())
     for name, t in list(twin.named_parameters()) + list(twin.named_buffers()):
         if name.startswith(("experts.", "shared_expert.")):

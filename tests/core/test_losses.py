@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moezoo.core import MoELayer, RouterOutput, TopKRouter
+from moezoo.core import MoELayer, build_moe_layer, RouterOutput, TopKRouter
 from moezoo.core.losses import (CoefficientSchedule, null_expert_usage, router_z_loss, switch_balance_loss,
                                 update_selection_bias)
 from moezoo.core.routing import RouterOutput
@@ -182,7 +182,7 @@ def test_update_selection_bias_sign_rule_and_inputs():
     bias = torch.zeros(6)
     update_selection_bias(bias, load, gamma=1.0)
     torch.testing.assert_close(bias, 2 * d)
-    layer = MoELayer(hidden_size=H, num_experts=E, num_experts_per_tok=K, moe_intermediate_size=4,
+    layer = build_moe_layer(hidden_size=H, num_experts=E, num_experts_per_tok=K, moe_intermediate_size=4,
                      router_kwargs=dict(scoring_func="sigmoid", use_selection_bias=True))
     update_selection_bias(layer, load, gamma=0.5)
     torch.testing.assert_close(layer.gate.e_score_correction_bias, d)
@@ -246,7 +246,7 @@ def test_coefficient_schedules():
 
 
 def test_null_expert_usage():
-    layer = MoELayer(hidden_size=H, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=4, num_null_experts=2)
+    layer = build_moe_layer(hidden_size=H, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=4, num_null_experts=2)
     idx = torch.tensor([[0, 4], [5, 4], [1, 2], [3, 6]])  # ids 4, 5 are null; 6 the sentinel
     ro = RouterOutput.from_selection(torch.zeros(4, 6), torch.full((4, 6), 1 / 6), idx, torch.ones(4, 2), 6)
     # 7 non-sentinel slots, 3 of them null

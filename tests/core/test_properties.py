@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import moezoo.core.experts as experts_mod
-from moezoo.core import MoELayer
+from moezoo.core import MoELayer, build_moe_layer
 from moezoo.core.dispatch import apply_capacity, expert_capacity
 from moezoo.core.experts import build_experts, sort_by_expert
 from moezoo.core.routing import ROUTERS, ExpertChoiceRouter, RouterOutput, TopKRouter
@@ -219,7 +219,7 @@ def test_moe_layer_is_token_permutation_equivariant(seed, T, variant):
         kw.update(router_type="expert_choice", router_kwargs=dict(capacity_factor=1.5))
     elif variant == "copy":
         kw.update(num_copy_experts=1, num_constant_experts=1, num_zero_experts=1)
-    layer = MoELayer(**kw)
+    layer = build_moe_layer(**kw)
     x = torch.randn(T, 8, generator=_gen(seed))
     perm = torch.randperm(T, generator=_gen(seed + 1))
     with torch.no_grad():
@@ -254,7 +254,7 @@ def test_null_routed_tokens_cost_no_expert_flops(seed, T, k, n_null, impl):
     idx[only_null] = torch.randint(E, R + 1, (int(only_null.sum()), k), generator=g)  # null experts / sentinel only
     w = torch.rand(T, k, generator=g)
     torch.manual_seed(seed)
-    layer = MoELayer(hidden_size=8, num_experts=E, num_experts_per_tok=k, moe_intermediate_size=6,
+    layer = build_moe_layer(hidden_size=8, num_experts=E, num_experts_per_tok=k, moe_intermediate_size=6,
                      num_null_experts=n_null, router=_FixedRouter(idx, w, R))
     layer.experts.config._experts_implementation = impl
     x = torch.randn(T, 8, generator=g)

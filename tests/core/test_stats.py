@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from moezoo.core import MoELayer, RoutingStats, expert_load, routing_entropy
+from moezoo.core import build_moe_layer, RoutingStats, expert_load, routing_entropy
 from moezoo.core.dispatch import apply_capacity
 from moezoo.core.routing import RouterOutput
 from moezoo.core.stats import expert_counts
@@ -81,7 +81,7 @@ def test_routing_stats_accumulates_over_steps():
 
 def test_routing_stats_from_a_layer_with_capacity_and_mask(tmp_path):
     torch.manual_seed(0)
-    layer = MoELayer(hidden_size=8, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=8,
+    layer = build_moe_layer(hidden_size=8, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=8,
                      capacity_factor=0.5)
     stats = RoutingStats()
     mask = torch.ones(2, 16)

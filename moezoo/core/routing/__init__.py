@@ -18,7 +18,7 @@ module                 routers (``router_type`` in configs)
 =====================  ==================================================================================
 """
 from .base import ROUTERS, Router, build_router, jitter, register_router, router_class, router_parameters
-from .conditional import ConditionRouter, ModalityRouter, PooledRouter, next_token_modality_ids
+from .conditional import ConditionRouter, ModalityRouter, PooledRouter, UnconditionalRouter, next_token_modality_ids
 from .expert_choice import ExpertChoiceRouter
 from .output import RouterOutput, check_router_input, check_top_k, expand_per_sample, samples_of_tokens
 from .prototype import PrototypeRouter
@@ -28,6 +28,6 @@ from .uncertainty import UncertaintyRouter, probit_calibrate
 
 __all__ = ["ROUTERS", "Router", "RouterOutput", "build_router", "jitter", "register_router", "router_class",
            "router_parameters", "ConditionRouter", "ModalityRouter", "PooledRouter", "next_token_modality_ids",
-           "ExpertChoiceRouter", "PrototypeRouter", "GatingResidualRouter", "NullExpertTopKRouter", "TopKRouter",
+           "ExpertChoiceRouter", "UnconditionalRouter", "PrototypeRouter", "GatingResidualRouter", "NullExpertTopKRouter", "TopKRouter",
            "TopPRouter", "sparsemixer_eval_multipliers", "UncertaintyRouter", "probit_calibrate", "check_router_input",
            "check_top_k", "expand_per_sample", "samples_of_tokens"]

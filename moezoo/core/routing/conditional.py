@@ -315,3 +315,133 @@ class ModalityRouter(Router):
         return f"hidden={self.hidden_size}, num_experts={self.num_experts}, top_k={self.top_k}, pools={self.expert_pools}"
 
 
+class UnconditionalRouter(Router):
+    """ProMoE's conditional routing as a wrapper of any router: tokens flagged by the ``uncond_mask=`` signal go to one
+    extra FFN expert (id ``expert_id``, after the routed experts) with weight 1, bypassing the router; the router sees
+    only the other tokens and routes them over its own experts (``routed_capacity`` applies to those only).
+
+    ``UnconditionalRouter.wrap(router, expert_id=E)`` turns ``router`` into an instance of
+    ``Unconditional<RouterClass>`` (a subclass of both), so its parameters keep their paths (``...mlp.gate.weight``)
+    and ``isinstance(router, type(router))`` still holds. ``uncond_mask``: bool, one entry per sample (B,) or per token
+    ((B, S) / (T,)). Tensor signals are cut to the routed tokens: per-sample ones (leading dim B) by sample when the
+    mask is per-sample, per-token ones (leading T, or (B, S)) by token; ``token_shape`` becomes
+    ``(routed samples, S)`` for per-sample masks (so per-sample routers keep working).
+
+    The returned output lives in the layer's expert space (routed, unconditional, zero-FLOP experts): logits are
+    ``finfo.min`` where a token cannot go (0 for the unconditional column of flagged tokens), probs 0 / 1 there.
+    ``extras``: ``routed_output`` (the router's own output on the routed tokens, for balance / contrastive losses),
+    ``routed_token_index`` (n,), ``uncond_token_mask`` (T,), ``uncond_expert_id``.
+    """
+
+    num_extra_experts = 1
+    uses_token_shape = True
+    base_uses_token_shape = False
+    expert_id: int = 0
+    routed_capacity = None  # a moezoo.core.layer.Capacity for the routed tokens (set by MoELayer)
+
+    @staticmethod
+    def wrap(router: Router, *, expert_id: int) -> "UnconditionalRouter":
+        base = type(router)
+        if isinstance(router, UnconditionalRouter):
+            raise ValueError("this router already has an unconditional expert")
+        if not isinstance(router, Router):
+            raise ValueError(f"UnconditionalRouter.wrap expects a moezoo.core.Router, got {base.__name__}")
+        if not isinstance(expert_id, int) or not 0 <= expert_id <= router.num_experts:
+            raise ValueError(f"expert_id must be an int in [0, {router.num_experts}], got {expert_id!r}")
+        cls = _UNCONDITIONAL_CLASSES.get(base)
+        if cls is None:
+            cls = type(f"Unconditional{base.__name__}", (UnconditionalRouter, base),
+                       {"__module__": __name__, "__doc__": UnconditionalRouter.__doc__,
+                        "signals": ("uncond_mask",) + tuple(base.signals),
+                        "base_uses_token_shape": bool(getattr(base, "uses_token_shape", False))})
+            _UNCONDITIONAL_CLASSES[base] = cls
+            globals()[cls.__name__] = cls  # importable by name (pickle)
+        router.__class__ = cls
+        router.expert_id = expert_id
+        return router
+
+    def route_tokens(self, x: torch.Tensor, **signals) -> RouterOutput:
+        """The wrapped router's own decision (no unconditional expert)."""
+        return super(UnconditionalRouter, self).forward(x, **signals)
+
+    def forward(self, x: torch.Tensor, *, uncond_mask=None, **signals) -> RouterOutput:
+        if uncond_mask is None:
+            raise ValueError("a MoELayer with unconditional_expert=True needs the signal uncond_mask= (bool, one entry "
+                             "per sample (batch,) or per token), True for tokens that go to the unconditional expert")
+        if not torch.is_tensor(uncond_mask) or uncond_mask.is_floating_point() or uncond_mask.is_complex():
+            raise ValueError("uncond_mask must be a bool (or integer 0/1) tensor")
+        T = x.shape[0]
+        token_shape = signals.pop("token_shape", None)
+        flat = uncond_mask.reshape(-1).to(device=x.device).bool()
+        sample_keep = None
+        if flat.numel() == T:
+            null_tok = flat
+        else:
+            B = flat.numel()
+            per = samples_of_tokens(T, B, token_shape, "uncond_mask")
+            null_tok = flat.repeat_interleave(per)
+            sample_keep = ~flat
+        keep = ~null_tok
+        cond_idx = keep.nonzero().squeeze(-1)
+        lead = tuple(int(v) for v in token_shape) if token_shape is not None else None
+        sub = {k: _subset_signal(v, T, lead, keep, sample_keep) for k, v in signals.items()}
+        if self.base_uses_token_shape:
+            if sample_keep is not None and lead is not None and len(lead) >= 2:
+                sub["token_shape"] = (int(sample_keep.sum()), *lead[1:])
+            else:
+                sub["token_shape"] = None
+        if cond_idx.numel():
+            base = self.route_tokens(x.index_select(0, cond_idx), **sub)
+        else:  # nothing to route: run the router on every token once for the output widths, keep no row
+            if self.base_uses_token_shape:
+                signals["token_shape"] = token_shape
+            full = self.route_tokens(x, **signals)
+            base = RouterOutput(full.logits[:0], full.probs[:0], full.indices[:0], full.weights[:0],
+                                full.experts_per_token[:0], full.num_experts, None, {})
+        if self.routed_capacity is not None:
+            base = self.routed_capacity.apply(base)
+        E = self.expert_id
+        R = base.num_experts + 1
+        K = base.indices.shape[-1]
+        dev = x.device
+        mapped = base.indices + (base.indices >= E).long()  # make room for the unconditional id E
+        indices = torch.full((T, K), R, dtype=torch.long, device=dev)
+        indices[:, 0] = torch.where(null_tok, E, R)
+        indices = indices.index_copy(0, cond_idx, mapped)
+        w_null = torch.zeros(T, K, dtype=base.weights.dtype, device=dev)
+        w_null[:, 0] = null_tok.to(w_null.dtype)
+        weights = w_null.index_copy(0, cond_idx, base.weights)
+
+        def widen(t: torch.Tensor, fill: float, null_value: float) -> torch.Tensor:
+            full = torch.full((T, R), fill, dtype=t.dtype, device=dev)
+            full[:, E] = torch.where(null_tok, torch.full_like(null_tok, null_value, dtype=t.dtype),
+                                     torch.full_like(null_tok, fill, dtype=t.dtype))
+            col = torch.full((t.shape[0], 1), fill, dtype=t.dtype, device=dev)
+            return full.index_copy(0, cond_idx, torch.cat([t[:, :E], col, t[:, E:]], 1))
+
+        logits = widen(base.logits, torch.finfo(base.logits.dtype).min, 0.0)
+        probs = widen(base.probs, 0.0, 1.0)
+        return RouterOutput.from_selection(logits, probs, indices, weights, R, base.aux_loss, routed_output=base,
+                                           routed_token_index=cond_idx, uncond_token_mask=null_tok,
+                                           uncond_expert_id=E)
+
+
+_UNCONDITIONAL_CLASSES: dict[type, type] = {}
+
+
+def _subset_signal(value, num_tokens: int, token_shape, keep: torch.Tensor, sample_keep: torch.Tensor | None):
+    """Cut a router signal to the routed tokens (see :class:`UnconditionalRouter`)."""
+    if not torch.is_tensor(value) or value.dim() == 0:
+        return value
+    n = value.shape[0]
+    B = None if sample_keep is None else sample_keep.numel()
+    if B is not None and n == B and B != num_tokens:
+        return value[sample_keep.to(value.device)]
+    if n == num_tokens:
+        return value[keep.to(value.device)]
+    if token_shape is not None and len(token_shape) >= 2 and tuple(value.shape[:2]) == tuple(token_shape[:2]):
+        return value.reshape(num_tokens, *value.shape[2:])[keep.to(value.device)]
+    if token_shape is not None and len(token_shape) >= 2 and n == token_shape[0]:  # per-sample, per-token mask
+        per = num_tokens // n
+        return value.repeat_interleave(per, dim=0)[keep.to(value.device)]
+    return value

@@ -20,7 +20,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from ...core.experts import ZeroFlopExperts, _ExpertsBase
-from ...core.layer import MoELayer
+from ...core import build_moe_layer
 from ...core.losses import router_z_loss, routing_contrastive_loss, switch_balance_loss
 from ...core.routing import PrototypeRouter, Router, RouterOutput, router_parameters
 from ...modeling_utils import MoezooPreTrainedModel
@@ -103,7 +103,7 @@ class MoezooDiTMoeBlock(GradientCheckpointingLayer):
         self.norm2 = nn.LayerNorm(H, elementwise_affine=False, eps=1e-6)
         self.is_moe = config.is_moe_layer(layer_idx)
         if self.is_moe:
-            self.mlp = MoELayer(**moe_layer_kwargs(config))
+            self.mlp = build_moe_layer(config)
         else:
             self.mlp = Mlp(in_features=H, hidden_features=int(H * config.mlp_ratio),
                            act_layer=lambda: nn.GELU(approximate="tanh"), drop=0)
@@ -132,19 +132,6 @@ class MoezooDiTMoeFinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
-
-
-def moe_layer_kwargs(config: MoezooDiTMoeConfig) -> dict:
-    """:class:`MoELayer` keyword arguments of one MoE block of ``config``."""
-    router_kwargs = dict(config.router_kwargs or {})
-    params = router_parameters(config.router_type)
-    if "norm_topk_prob" in params:
-        router_kwargs.setdefault("norm_topk_prob", config.norm_topk_prob)
-    if config.router_type == "condition":  # route on the conditioning vector c = t_emb + y_emb
-        router_kwargs.setdefault("condition_dim", config.hidden_size)
-    return config.moe_layer_kwargs(router_kwargs=router_kwargs, expert_bias=config.expert_bias,
-                                   gated_experts=config.gated_experts, shared_gated=config.shared_gated,
-                                   unconditional_expert=config.unconditional_expert)
 
 
 class MoezooDiTMoePreTrainedModel(MoezooPreTrainedModel):
@@ -448,4 +435,4 @@ class MoezooDiTMoeModel(MoezooDiTMoePreTrainedModel):
 
 
 __all__ = ["MoezooDiTMoeModel", "MoezooDiTMoePreTrainedModel", "MoezooDiTMoeOutput", "MoezooDiTMoeBlock",
-           "moe_layer_kwargs", "sincos_pos_embed", "modulate"]
+           "sincos_pos_embed", "modulate"]

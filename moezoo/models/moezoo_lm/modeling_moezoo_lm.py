@@ -21,7 +21,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
 from ...core.experts import SharedExpert
-from ...core.layer import MoELayer
+from ...core import build_moe_layer
 from ...core import RouterOutput
 from ...modeling_utils import MoezooPreTrainedModel
 from ...modeling_layers import RMSNorm as MoezooLMRMSNorm, apply_rope, eager_attention
@@ -154,7 +154,7 @@ class MoezooLMDecoderLayer(GradientCheckpointingLayer):
         self.self_attn = MoezooLMAttention(config, layer_idx)
         self.is_moe = config.is_moe_layer(layer_idx)
         if self.is_moe:
-            self.mlp = MoELayer(**config.moe_layer_kwargs())
+            self.mlp = build_moe_layer(config)
         else:
             self.mlp = SharedExpert(config.hidden_size, config.intermediate_size, config.hidden_act)
         self.input_layernorm = MoezooLMRMSNorm(config.hidden_size, config.rms_norm_eps)

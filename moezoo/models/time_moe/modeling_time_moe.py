@@ -26,7 +26,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
 from ...core.experts import SharedExpert, get_activation
-from ...core.layer import MoELayer
+from ...core import build_moe_layer
 from ...core.losses import switch_balance_loss
 from ...core import RouterOutput
 from ...modeling_utils import MoezooPreTrainedModel
@@ -145,7 +145,7 @@ class MoezooTimeMoeDecoderLayer(GradientCheckpointingLayer):
         self.self_attn = MoezooTimeMoeAttention(config, layer_idx)
         self.is_moe = not config.use_dense
         if self.is_moe:
-            self.mlp = MoELayer(**config.moe_layer_kwargs())
+            self.mlp = build_moe_layer(config)
         else:
             self.mlp = SharedExpert(config.hidden_size, config.dense_intermediate_size, config.hidden_act)
         self.input_layernorm = MoezooTimeMoeRMSNorm(config.hidden_size, config.rms_norm_eps)
