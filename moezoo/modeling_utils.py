@@ -2,7 +2,7 @@
 
 What the bases give every family:
 
-- the MoE config fields of the shared backbone (transformers' names) and :meth:`MoezooConfig.moe_layer_kwargs`, which
+- the MoE config fields of the shared backbone (transformers' names) and :func:`moezoo.core.build_moe_layer`, which
   turns them into :class:`moezoo.core.MoELayer` keyword arguments with the config itself as ``experts_config`` (so
   ``model.set_experts_implementation(...)`` reaches every experts module);
 - experts implementation switching that works for classes defined anywhere (transformers only allows it when the
@@ -32,7 +32,7 @@ class MoezooConfig(PretrainedConfig):
     Args (all keyword, all serialised in ``config.json``):
         num_experts, num_experts_per_tok, moe_intermediate_size: routed experts E, top-k, expert width I.
         norm_topk_prob: renormalise the k selected weights to sum 1 (top-k router).
-        router_type: a name in :data:`moezoo.core.routers.ROUTERS`; ``router_kwargs``: its extra constructor kwargs.
+        router_type: a name in :data:`moezoo.core.ROUTERS`; ``router_kwargs``: its extra constructor kwargs.
         router_aux_loss_coef, router_z_loss_coef: weights of the switch balance loss and the router z-loss.
         num_shared_experts, shared_intermediate_size, shared_expert_gate: always-on shared experts.
         capacity_factor, drop_policy: capacity mode (``None`` = dropless, the default).

@@ -21,7 +21,8 @@ class PrototypeRouter(Router):
     ``norm_topk_prob`` renormalises the k weights (off in ProMoE). ``logits`` are the raw cosines; ``probs`` the
     distribution the balance loss uses: ``softmax(s / temperature)`` in ``"softmax"`` mode and, as in ProMoE's
     released balance loss, ``softmax(scores)`` of the mode's scores otherwise. ``extras["scores"]`` holds the scores
-    (T, E) the top-k ran on.
+    (T, E) the top-k ran on, ``extras["prototypes"]`` the (E, H) prototypes this call used (with any adapter applied,
+    e.g. a peft LoRA on ``gate.weight``).
     """
 
     WEIGHT_MODES = ("identity", "softmax", "sigmoid")
@@ -61,7 +62,8 @@ class PrototypeRouter(Router):
             scores = torch.sigmoid(cos / self.temperature if self.temperature != 1.0 else cos)
             probs = scores.softmax(dim=-1)
         weights, indices = topk_weights(scores, self.top_k, self.norm_topk_prob, self.renorm_eps)
-        return RouterOutput.from_selection(cos, probs, indices, weights, self.num_experts, scores=scores)
+        return RouterOutput.from_selection(cos, probs, indices, weights, self.num_experts, scores=scores,
+                                           prototypes=self.weight)
 
     def extra_repr(self) -> str:
         return (f"hidden={self.hidden_size}, num_experts={self.num_experts}, top_k={self.top_k}, "

@@ -371,13 +371,14 @@ class MoezooDiTMoeModel(MoezooDiTMoePreTrainedModel):
         cfg = self.config
         total = None
         for (block, h), ro in zip(moe_inputs, router_outputs):
-            protos = getattr(block.mlp.gate, "weight", None)
+            base = self.routed_output(ro)
+            # the prototypes the router used in this forward (a peft adapter on gate.weight applies only inside it)
+            protos = base.extras.get("prototypes", getattr(block.mlp.gate, "weight", None))
             E = block.mlp.num_experts
             if not torch.is_tensor(protos) or protos.dim() != 2 or protos.shape[-1] != cfg.hidden_size:
                 raise ValueError(f"routing_contrastive_coef > 0 needs a router with (experts, hidden) weights "
                                  f"(prototypes); router_type={cfg.router_type!r} has none")
             x = h.reshape(-1, h.shape[-1])
-            base = self.routed_output(ro)
             if "routed_token_index" in ro.extras:
                 x = x.index_select(0, ro.extras["routed_token_index"])
             loss = routing_contrastive_loss(protos[:E], x, base.indices, temperature=cfg.routing_contrastive_tau,
