@@ -268,6 +268,3 @@ def push_to_hub(src, repo_id: str, *, private: bool | None = None, token: str | 
     printer(f"uploaded {len(files)} files to https://huggingface.co/{repo_id}")
     return url
 
-
-def read_config_json(folder: str | Path) -> dict:
-    return json.loads((Path(folder) / "config.json").read_text())

@@ -22,7 +22,7 @@ from transformers import initialization as init
 
 from .core.experts import DEFAULT_EXPERTS_IMPLEMENTATION, ZeroFlopExperts, _ExpertsBase
 from .core.layer import MoELayer
-from .core.losses import router_z_loss, switch_balance_loss
+from .core.losses import moe_aux_loss
 from .core.routing import ROUTERS, Router, RouterOutput
 from .safety import PickleCheckpointError, check_no_pickle, pickle_refusal_message
 
@@ -169,18 +169,25 @@ class MoezooPreTrainedModel(PreTrainedModel):
         """(qualified name, module) of every :class:`MoELayer` in the model, in order."""
         return [(n, m) for n, m in self.named_modules() if isinstance(m, MoELayer)]
 
+    def aux_loss_options(self) -> dict:
+        """Family hook: keyword arguments of :func:`moezoo.core.losses.moe_aux_loss` besides the coefficients
+        (``per_layer_balance``, ``normalize``, ``select``); the default is transformers' convention."""
+        return {}
+
+    def aux_loss_terms(self, router_outputs: list[RouterOutput]) -> tuple:
+        """Family hook: extra, already weighted auxiliary losses added to the aggregate (none by default)."""
+        return ()
+
     def compute_aux_loss(self, router_outputs: list[RouterOutput], attention_mask: torch.Tensor | None = None,
                          ) -> torch.Tensor | None:
-        """Weighted auxiliary loss over the MoE layers.
+        """Weighted auxiliary loss over the MoE layers (:func:`moezoo.core.losses.moe_aux_loss`).
 
-        ``router_aux_loss_coef * switch_balance_loss + router_z_loss_coef * router_z_loss + sum(router aux losses)``;
+        ``router_aux_loss_coef * balance + router_z_loss_coef * z-loss + routers' own losses + aux_loss_terms``;
         ``attention_mask`` (B, S) excludes padding from the balance loss when it matches the routed tokens.
         """
         router_outputs = [ro for ro in router_outputs if ro is not None]
         if not router_outputs:
             return None
-        device = router_outputs[0].logits.device
-        total = torch.zeros((), device=device, dtype=torch.float32)
         n_tokens = router_outputs[0].probs.reshape(-1, router_outputs[0].probs.shape[-1]).shape[0]
         mask = attention_mask
         if mask is not None:
@@ -189,21 +196,9 @@ class MoezooPreTrainedModel(PreTrainedModel):
                 mask = mask[:, -(n_tokens // mask.shape[0]):]  # generation with a cache: keep the current tokens
             if mask.dim() != 2 or mask.numel() != n_tokens:
                 mask = None
-        same_width = len({ro.num_experts for ro in router_outputs}) == 1
-        coef = getattr(self.config, "router_aux_loss_coef", 0.0) or 0.0
-        if coef:
-            if same_width:
-                total = total + coef * switch_balance_loss(router_outputs, attention_mask=mask)
-            else:
-                total = total + coef * sum(switch_balance_loss(ro, attention_mask=mask) for ro in router_outputs)
-        zcoef = getattr(self.config, "router_z_loss_coef", 0.0) or 0.0
-        if zcoef:
-            total = total + zcoef * (router_z_loss(router_outputs) if same_width
-                                     else sum(router_z_loss(ro) for ro in router_outputs) / len(router_outputs))
-        for ro in router_outputs:
-            if ro.aux_loss is not None:
-                total = total + ro.aux_loss.to(total.dtype)
-        return total
+        return moe_aux_loss(router_outputs, balance_coef=getattr(self.config, "router_aux_loss_coef", 0.0) or 0.0,
+                            z_coef=getattr(self.config, "router_z_loss_coef", 0.0) or 0.0, attention_mask=mask,
+                            terms=self.aux_loss_terms(router_outputs), **self.aux_loss_options())
 
     def parameter_summary(self) -> dict:
         """Total and active (per token) parameters, and one row per MoE layer.

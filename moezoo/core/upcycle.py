@@ -63,6 +63,8 @@ import re
 import torch
 from torch import nn
 
+from transformers.activations import ACT2CLS
+
 from .experts import ExpertsImplementationConfig
 from .layer import MoELayer, build_moe_layer
 from .losses import switch_balance_loss
@@ -73,14 +75,6 @@ __all__ = ["UpcycledMoE", "upcycle_mlp", "upcycle_model", "find_dense_mlps", "co
 
 _LAYER_MLP = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp$")
 
-# HF activation modules -> names understood by moezoo.core.experts
-_ACT_CLASS_NAMES = {
-    "SiLUActivation": "silu", "SiLU": "silu", "GELUActivation": "gelu", "GELU": "gelu",
-    "PytorchGELUTanh": "gelu_tanh", "GELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh",
-    "GELUPytorchTanh": "gelu_tanh", "ReLU": "relu",
-}
-# HF activation names that the core knows under another name (same function)
-_ACT_ALIASES = {"gelu_new": "gelu_tanh"}
 
 
 class UpcycledMoE(MoELayer):
@@ -138,14 +132,14 @@ def _activation_name(mlp: nn.Module, config) -> str:
         for attr in ("hidden_act", "hidden_activation"):
             name = getattr(cfg, attr, None) if cfg is not None else None
             if isinstance(name, str):
-                return _ACT_ALIASES.get(name, name)
+                return name
     for attr in ("act_fn", "activation_fn", "act"):
         act = getattr(mlp, attr, None)
-        if act is not None and type(act).__name__ in _ACT_CLASS_NAMES:
-            name = _ACT_CLASS_NAMES[type(act).__name__]
-            if name == "gelu" and getattr(act, "approximate", "none") == "tanh":
-                name = "gelu_tanh"
-            return name
+        if isinstance(act, nn.GELU):
+            return "gelu_pytorch_tanh" if act.approximate == "tanh" else "gelu"
+        for name, entry in ACT2CLS.items():  # transformers' activation classes, by their ACT2FN name
+            if act is not None and type(act) is (entry[0] if isinstance(entry, tuple) else entry):
+                return name
     raise ValueError(f"could not tell the activation of {type(mlp).__name__}; pass hidden_act= explicitly")
 
 

@@ -21,7 +21,7 @@ from transformers.utils import ModelOutput
 
 from ...core.experts import ZeroFlopExperts, _ExpertsBase
 from ...core import build_moe_layer
-from ...core.losses import router_z_loss, routing_contrastive_loss, switch_balance_loss
+from ...core.losses import routing_contrastive_loss
 from ...core.routing import PrototypeRouter, Router, RouterOutput, router_parameters
 from ...modeling_utils import MoezooPreTrainedModel
 from .configuration_dit_moe import MoezooDiTMoeConfig
@@ -326,7 +326,7 @@ class MoezooDiTMoeModel(MoezooDiTMoePreTrainedModel):
 
         aux_loss = rcl = loss = None
         if (self.training or target is not None) and router_outputs:
-            aux_loss = self.balance_loss(router_outputs)
+            aux_loss = self.compute_aux_loss(router_outputs)
             if cfg.routing_contrastive_coef:
                 rcl = cfg.routing_contrastive_coef * self.routing_contrastive_loss(moe_inputs, router_outputs)
         if target is not None:
@@ -349,22 +349,10 @@ class MoezooDiTMoeModel(MoezooDiTMoePreTrainedModel):
         """The router's own decision (without the unconditional expert) of a layer's output."""
         return ro.extras.get("routed_output", ro)
 
-    def balance_loss(self, router_outputs) -> torch.Tensor:
-        """``router_aux_loss_coef * sum_layers switch_balance_loss`` (+ z-loss, + routers' own aux losses), over the
+    def aux_loss_options(self) -> dict:
+        """DiT-MoE / ProMoE: the balance loss summed over layers with the config's ``balance_loss_normalize``, over the
         routed tokens and experts only (tokens sent to the unconditional expert are left out, as in ProMoE)."""
-        cfg = self.config
-        device = router_outputs[0].logits.device
-        total = torch.zeros((), device=device, dtype=torch.float32)
-        for ro in router_outputs:
-            base = self.routed_output(ro)
-            if cfg.router_aux_loss_coef and base.indices.shape[0]:
-                total = total + cfg.router_aux_loss_coef * switch_balance_loss(
-                    base, normalize=cfg.balance_loss_normalize)
-            if cfg.router_z_loss_coef and base.logits.shape[0]:
-                total = total + cfg.router_z_loss_coef * router_z_loss(base) / len(router_outputs)
-            if ro.aux_loss is not None:
-                total = total + ro.aux_loss.float()
-        return total
+        return dict(per_layer_balance=True, normalize=self.config.balance_loss_normalize, select=self.routed_output)
 
     def routing_contrastive_loss(self, moe_inputs, router_outputs) -> torch.Tensor:
         """Sum over MoE layers of ProMoE's routing contrastive loss (unweighted; prototypes = the router's weight)."""
