@@ -57,6 +57,20 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
+def classifier_free_guidance(pred: torch.Tensor, guidance_scale: float, cfg_channels: int | None,
+                             in_channels: int) -> tuple[torch.Tensor, int]:
+    """The one classifier-free guidance of DiT-MoE: a ``[cond; uncond]`` prediction batch (2N, C_out, H, W) ->
+    (``uncond + s (cond - uncond)`` of the first ``n`` channels (N, n, H, W), ``n``); ``cfg_channels`` None = all
+    ``in_channels`` (the whole eps / velocity; the official code guides 3)."""
+    if pred.shape[0] % 2:
+        raise ValueError(f"a classifier-free-guidance batch must have an even size ([cond; uncond]), got {pred.shape[0]}")
+    n = in_channels if cfg_channels is None else int(cfg_channels)
+    if not 0 < n <= pred.shape[1]:
+        raise ValueError(f"cfg_channels must be in 1..{pred.shape[1]} or None, got {cfg_channels!r}")
+    cond, uncond = pred[:, :n].chunk(2, dim=0)
+    return uncond + guidance_scale * (cond - uncond), n
+
+
 def sincos_pos_embed(hidden_size: int, grid_size: int) -> torch.Tensor:
     """(grid^2, H) fixed 2-D sin-cos positions (MAE/DiT layout: first half encodes the column, second the row)."""
     return get_2d_sincos_pos_embed(hidden_size, grid_size, base_size=grid_size, interpolation_scale=1.0,
@@ -390,16 +404,10 @@ class MoezooDiTMoeModel(MoezooDiTMoePreTrainedModel):
         if n % 2:
             raise ValueError(f"forward_with_cfg needs an even batch ([cond; uncond] halves), got {n}")
         cc = cfg_channels if cfg_channels is not None else self.config.cfg_channels
-        cc = self.config.in_channels if cc is None else int(cc)
-        if not 1 <= cc <= self.config.out_channels:
-            raise ValueError(f"cfg_channels must be in [1, out_channels={self.config.out_channels}], got {cc}")
         half = sample[: n // 2]
         out = self.forward(torch.cat([half, half], dim=0), timestep, class_labels, return_dict=True, **kwargs)
-        model_out = out.sample
-        eps, rest = model_out[:, :cc], model_out[:, cc:]
-        cond, uncond = torch.split(eps, n // 2, dim=0)
-        guided = uncond + guidance_scale * (cond - uncond)
-        result = torch.cat([torch.cat([guided, guided], dim=0), rest], dim=1)
+        guided, cc = classifier_free_guidance(out.sample, guidance_scale, cc, self.config.in_channels)
+        result = torch.cat([torch.cat([guided, guided], dim=0), out.sample[:, cc:]], dim=1)
         if not return_dict:
             return result
         out.sample = result
@@ -423,5 +431,5 @@ class MoezooDiTMoeModel(MoezooDiTMoePreTrainedModel):
         return inputs
 
 
-__all__ = ["MoezooDiTMoeModel", "MoezooDiTMoePreTrainedModel", "MoezooDiTMoeOutput", "MoezooDiTMoeBlock",
+__all__ = ["classifier_free_guidance", "MoezooDiTMoeModel", "MoezooDiTMoePreTrainedModel", "MoezooDiTMoeOutput", "MoezooDiTMoeBlock",
            "sincos_pos_embed", "modulate"]
