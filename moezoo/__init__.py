@@ -11,7 +11,8 @@ Importing moezoo registers every family with ``AutoConfig`` / ``AutoModel`` / it
 __version__ = "0.1.0"
 
 from . import core  # noqa: F401  (registers the "moezoo" experts implementation)
-from .modeling_utils import MoezooConfig, MoezooPreTrainedModel, PickleCheckpointError
+from .modeling_utils import MoezooConfig, MoezooPreTrainedModel
+from .safety import PickleCheckpointError
 from .registry import (UnknownModelError, create_model, get_model_config, get_model_entry, list_families, list_models,
                        list_pretrained, register_family, register_model)
 from . import models  # noqa: E402,F401  (imports and registers every family)

@@ -61,10 +61,10 @@ def _timeit(fn, backward: bool, x: torch.Tensor) -> float:
 
 
 def bench_case(E: int, k: int, *, T: int, H: int, I: int, reps: int, warmup: int, backends: list[str]) -> dict:
-    from moezoo.core import MoELayer
+    from moezoo.core import build_moe_layer
 
     torch.manual_seed(0)
-    layer = MoELayer(hidden_size=H, num_experts=E, num_experts_per_tok=k, moe_intermediate_size=I)
+    layer = build_moe_layer(hidden_size=H, num_experts=E, num_experts_per_tok=k, moe_intermediate_size=I)
     dense = DenseSwiGLU(H, k * I)
     x = torch.randn(T, H)
     with torch.no_grad():

@@ -102,7 +102,7 @@ def _config_for_info(target: str, tiny: bool):
 def cmd_info(args) -> int:
     import torch
 
-    from moezoo.modeling_utils import format_count
+    from moezoo.safety import format_count
     from moezoo.registry import create_model
 
     label, fam, config, cls = _config_for_info(args.name, args.tiny)

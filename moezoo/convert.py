@@ -144,7 +144,8 @@ def build_from_spec(spec: dict) -> nn.Module:
     obj = importlib.import_module(mod_name)
     for part in qual.split("."):
         obj = getattr(obj, part)
-    return obj(**_from_json(spec["init_kwargs"]))
+    build = getattr(obj, "from_init_kwargs", obj)  # layers built by a factory (MoELayer: build_moe_layer)
+    return build(**_from_json(spec["init_kwargs"]))
 
 
 def save_converted(module: nn.Module, dst: str | Path, *, reference: str | None = None,
@@ -188,7 +189,7 @@ def load_state_dict(path: str | Path, *, allow_pickle: bool = False) -> dict[str
     """Read weights from a ``.safetensors`` file, a sharded/unsharded folder, or (``allow_pickle=True``) a pickle."""
     from safetensors.torch import load_file
 
-    from .modeling_utils import PICKLE_SUFFIXES, PickleCheckpointError, pickle_refusal_message
+    from .safety import PICKLE_SUFFIXES, PickleCheckpointError, pickle_refusal_message
 
     path = Path(path)
     if path.is_dir():

@@ -54,12 +54,15 @@ def model_cards_dir() -> Path:
 
 def card_template_path(family: str) -> Path | None:
     """``model_cards/<card>.md`` of a family (its registered ``card`` name), or None."""
-    from .registry import _family_key, _FAMILIES
+    from .registry import get_family
 
-    key = _family_key(family)
     names = [family]
-    if key is not None:
-        names.insert(0, _FAMILIES[key].card or key)
+    try:
+        entry = get_family(family)
+    except ValueError:  # not a registered family: look for a card of that name
+        entry = None
+    if entry is not None:
+        names.insert(0, entry.card or entry.name)
     for n in names:
         p = model_cards_dir() / f"{n}.md"
         if p.is_file():
@@ -86,7 +89,7 @@ def _redact(text: str, token: str | None) -> str:
 
 
 def _fmt(n: float) -> str:
-    from .modeling_utils import format_count
+    from .safety import format_count
 
     return format_count(n)
 
@@ -187,7 +190,7 @@ def stage_upload_folder(src, dest: str | Path, *, repo_id: str, tokenizer=None, 
     weights are refused unless ``allow_pickle``). ``README.md`` is the rendered card, unless the folder brings its
     own README that moezoo did not generate.
     """
-    from .modeling_utils import PICKLE_SUFFIXES, PickleCheckpointError, pickle_refusal_message
+    from .safety import PICKLE_SUFFIXES, PickleCheckpointError, pickle_refusal_message
 
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):
@@ -265,6 +268,3 @@ def push_to_hub(src, repo_id: str, *, private: bool | None = None, token: str | 
     printer(f"uploaded {len(files)} files to https://huggingface.co/{repo_id}")
     return url
 
-
-def read_config_json(folder: str | Path) -> dict:
-    return json.loads((Path(folder) / "config.json").read_text())

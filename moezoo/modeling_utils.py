@@ -2,7 +2,7 @@
 
 What the bases give every family:
 
-- the MoE config fields of the shared backbone (transformers' names) and :meth:`MoezooConfig.moe_layer_kwargs`, which
+- the MoE config fields of the shared backbone (transformers' names) and :func:`moezoo.core.build_moe_layer`, which
   turns them into :class:`moezoo.core.MoELayer` keyword arguments with the config itself as ``experts_config`` (so
   ``model.set_experts_implementation(...)`` reaches every experts module);
 - experts implementation switching that works for classes defined anywhere (transformers only allows it when the
@@ -15,9 +15,6 @@ What the bases give every family:
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
@@ -25,42 +22,9 @@ from transformers import initialization as init
 
 from .core.experts import DEFAULT_EXPERTS_IMPLEMENTATION, ZeroFlopExperts, _ExpertsBase
 from .core.layer import MoELayer
-from .core.losses import router_z_loss, switch_balance_loss
-from .core.routers import ROUTERS, RouterOutput
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-SAFE_SUFFIXES = (".safetensors",)
-
-
-class PickleCheckpointError(ValueError):
-    """A checkpoint that can only be read by unpickling (arbitrary code execution) and the caller did not opt in."""
-
-
-def pickle_refusal_message(what: str) -> str:
-    return (f"{what} is a pickled checkpoint (pytorch_model.bin / .pt / .pth); moezoo loads safetensors only because "
-            "unpickling can run arbitrary code. If you trust its source, pass allow_pickle=True (CLI: --allow-pickle), "
-            "or convert it once with safetensors.torch.save_file and load the .safetensors file.")
-
-
-def check_no_pickle(path: str | os.PathLike, subfolder: str = "") -> None:
-    """Raise :class:`PickleCheckpointError` if the local ``path`` holds only pickled weights (no safetensors).
-
-    Hub ids (non-local paths) are left to ``use_safetensors=True`` in :meth:`MoezooPreTrainedModel.from_pretrained`.
-    """
-    p = Path(path)
-    if p.is_file():
-        if p.suffix.lower() in PICKLE_SUFFIXES:
-            raise PickleCheckpointError(pickle_refusal_message(f"{str(p)!r}"))
-        return
-    folder = p / subfolder if subfolder else p
-    if not folder.is_dir():
-        return
-    names = [q.name for q in folder.iterdir() if q.is_file()]
-    has_safe = any(n.endswith(SAFE_SUFFIXES) or n.endswith(".safetensors.index.json") for n in names)
-    pickled = sorted(n for n in names if n.lower().endswith(PICKLE_SUFFIXES) or n.endswith(".bin.index.json"))
-    if pickled and not has_safe:
-        raise PickleCheckpointError(pickle_refusal_message(f"folder {str(folder)!r} ({', '.join(pickled)})"))
-
+from .core.losses import moe_aux_loss
+from .core.routing import ROUTERS, Router, RouterOutput
+from .safety import PickleCheckpointError, check_no_pickle, pickle_refusal_message
 
 class MoezooConfig(PretrainedConfig):
     """Base config of moezoo models: the MoE fields of the shared backbone, named as in transformers.
@@ -68,7 +32,7 @@ class MoezooConfig(PretrainedConfig):
     Args (all keyword, all serialised in ``config.json``):
         num_experts, num_experts_per_tok, moe_intermediate_size: routed experts E, top-k, expert width I.
         norm_topk_prob: renormalise the k selected weights to sum 1 (top-k router).
-        router_type: a name in :data:`moezoo.core.routers.ROUTERS`; ``router_kwargs``: its extra constructor kwargs.
+        router_type: a name in :data:`moezoo.core.ROUTERS`; ``router_kwargs``: its extra constructor kwargs.
         router_aux_loss_coef, router_z_loss_coef: weights of the switch balance loss and the router z-loss.
         num_shared_experts, shared_intermediate_size, shared_expert_gate: always-on shared experts.
         capacity_factor, drop_policy: capacity mode (``None`` = dropless, the default).
@@ -113,23 +77,6 @@ class MoezooConfig(PretrainedConfig):
             raise ValueError(f"capacity_factor must be > 0 or None, got {self.capacity_factor!r}")
         super().__post_init__(**kwargs)
 
-    def moe_layer_kwargs(self, **overrides) -> dict:
-        """Keyword arguments of :class:`moezoo.core.MoELayer` for this config (``overrides`` win)."""
-        if not isinstance(getattr(self, "hidden_size", None), int):
-            raise ValueError(f"{type(self).__name__} needs an int hidden_size field to build MoE layers")
-        router_kwargs = dict(self.router_kwargs or {})
-        if self.router_type == "topk":
-            router_kwargs.setdefault("norm_topk_prob", self.norm_topk_prob)
-        kwargs = dict(
-            hidden_size=self.hidden_size, num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
-            moe_intermediate_size=self.moe_intermediate_size, hidden_act=self.hidden_act, router_type=self.router_type,
-            router_kwargs=router_kwargs, num_shared_experts=self.num_shared_experts,
-            shared_intermediate_size=self.shared_intermediate_size, shared_expert_gate=self.shared_expert_gate,
-            capacity_factor=self.capacity_factor, drop_policy=self.drop_policy, experts_config=self,
-        )
-        kwargs.update(overrides)
-        return kwargs
-
 
 class MoezooPreTrainedModel(PreTrainedModel):
     """Base of every moezoo model (see the module docstring)."""
@@ -168,7 +115,7 @@ class MoezooPreTrainedModel(PreTrainedModel):
             if module._bias:
                 init.zeros_(module.in_proj_bias)
                 init.zeros_(module.down_proj_bias)
-        elif isinstance(module, tuple(ROUTERS.values())):
+        elif isinstance(module, Router):
             if isinstance(getattr(module, "weight", None), nn.Parameter):
                 init.normal_(module.weight, mean=0.0, std=std)
             if isinstance(getattr(module, "bias", None), nn.Parameter):
@@ -222,18 +169,25 @@ class MoezooPreTrainedModel(PreTrainedModel):
         """(qualified name, module) of every :class:`MoELayer` in the model, in order."""
         return [(n, m) for n, m in self.named_modules() if isinstance(m, MoELayer)]
 
+    def aux_loss_options(self) -> dict:
+        """Family hook: keyword arguments of :func:`moezoo.core.losses.moe_aux_loss` besides the coefficients
+        (``per_layer_balance``, ``normalize``, ``select``); the default is transformers' convention."""
+        return {}
+
+    def aux_loss_terms(self, router_outputs: list[RouterOutput]) -> tuple:
+        """Family hook: extra, already weighted auxiliary losses added to the aggregate (none by default)."""
+        return ()
+
     def compute_aux_loss(self, router_outputs: list[RouterOutput], attention_mask: torch.Tensor | None = None,
                          ) -> torch.Tensor | None:
-        """Weighted auxiliary loss over the MoE layers.
+        """Weighted auxiliary loss over the MoE layers (:func:`moezoo.core.losses.moe_aux_loss`).
 
-        ``router_aux_loss_coef * switch_balance_loss + router_z_loss_coef * router_z_loss + sum(router aux losses)``;
+        ``router_aux_loss_coef * balance + router_z_loss_coef * z-loss + routers' own losses + aux_loss_terms``;
         ``attention_mask`` (B, S) excludes padding from the balance loss when it matches the routed tokens.
         """
         router_outputs = [ro for ro in router_outputs if ro is not None]
         if not router_outputs:
             return None
-        device = router_outputs[0].logits.device
-        total = torch.zeros((), device=device, dtype=torch.float32)
         n_tokens = router_outputs[0].probs.reshape(-1, router_outputs[0].probs.shape[-1]).shape[0]
         mask = attention_mask
         if mask is not None:
@@ -242,21 +196,9 @@ class MoezooPreTrainedModel(PreTrainedModel):
                 mask = mask[:, -(n_tokens // mask.shape[0]):]  # generation with a cache: keep the current tokens
             if mask.dim() != 2 or mask.numel() != n_tokens:
                 mask = None
-        same_width = len({ro.num_experts for ro in router_outputs}) == 1
-        coef = getattr(self.config, "router_aux_loss_coef", 0.0) or 0.0
-        if coef:
-            if same_width:
-                total = total + coef * switch_balance_loss(router_outputs, attention_mask=mask)
-            else:
-                total = total + coef * sum(switch_balance_loss(ro, attention_mask=mask) for ro in router_outputs)
-        zcoef = getattr(self.config, "router_z_loss_coef", 0.0) or 0.0
-        if zcoef:
-            total = total + zcoef * (router_z_loss(router_outputs) if same_width
-                                     else sum(router_z_loss(ro) for ro in router_outputs) / len(router_outputs))
-        for ro in router_outputs:
-            if ro.aux_loss is not None:
-                total = total + ro.aux_loss.to(total.dtype)
-        return total
+        return moe_aux_loss(router_outputs, balance_coef=getattr(self.config, "router_aux_loss_coef", 0.0) or 0.0,
+                            z_coef=getattr(self.config, "router_z_loss_coef", 0.0) or 0.0, attention_mask=mask,
+                            terms=self.aux_loss_terms(router_outputs), **self.aux_loss_options())
 
     def parameter_summary(self) -> dict:
         """Total and active (per token) parameters, and one row per MoE layer.
@@ -274,8 +216,9 @@ class MoezooPreTrainedModel(PreTrainedModel):
             router = m.gate
             layers.append({
                 "name": name, "num_experts": m.num_experts, "top_k": k, "routable": m.num_routable,
-                "router": type(router).__name__, "router_type": m.init_kwargs.get("router_type"),
-                "scoring": getattr(router, "scoring_func", None), "shared_experts": m.init_kwargs.get("num_shared_experts", 0),
+                "router": type(router).__name__, "router_type": getattr(m, "init_kwargs", {}).get("router_type"),
+                "scoring": getattr(router, "scoring_func", None),
+                "shared_experts": getattr(m, "init_kwargs", {}).get("num_shared_experts", 0),
                 "expert_params": expert_params,
             })
         return {"total": total, "active": int(round(total - inactive)), "moe_layers": layers}
@@ -296,9 +239,3 @@ class MoezooPreTrainedModel(PreTrainedModel):
         ids = torch.randint(0, vocab, (batch_size, seq_len), generator=generator)
         return {"input_ids": ids, "labels": ids.clone()} if labels else {"input_ids": ids}
 
-
-def format_count(n: float) -> str:
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= div:
-            return f"{n / div:.2f}{unit}"
-    return str(int(n))

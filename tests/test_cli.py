@@ -19,7 +19,7 @@ import moezoo  # noqa: E402
 import moezoo.parity as parity  # noqa: E402
 from moezoo import convert as convert_mod  # noqa: E402
 from moezoo.cli import main  # noqa: E402
-from moezoo.core import MoELayer  # noqa: E402
+from moezoo.core import MoELayer, build_moe_layer  # noqa: E402
 
 SHARED = Path(os.environ.get("MOEZOO_PARITY_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "parity"))
 
@@ -144,9 +144,9 @@ def fake_reference(monkeypatch):
     def convert(config, state_dict, scale=1.0):
         H, E = state_dict["a.gate"].shape[1], state_dict["a.gate"].shape[0]
         layers = torch.nn.ModuleDict({
-            "a": MoELayer(hidden_size=H, num_experts=E, num_experts_per_tok=config["k"], moe_intermediate_size=6,
+            "a": build_moe_layer(hidden_size=H, num_experts=E, num_experts_per_tok=config["k"], moe_intermediate_size=6,
                           router_kwargs={"router_dtype": torch.float32}),
-            "b": MoELayer(hidden_size=H, num_experts=E, num_experts_per_tok=1, moe_intermediate_size=6,
+            "b": build_moe_layer(hidden_size=H, num_experts=E, num_experts_per_tok=1, moe_intermediate_size=6,
                           num_shared_experts=1),
         })
         with torch.no_grad():

@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import moezoo  # noqa: E402
 from moezoo import hub, registry  # noqa: E402
-from moezoo.modeling_utils import PickleCheckpointError  # noqa: E402
+from moezoo.safety import PickleCheckpointError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "hf_TESTTOKEN_do_not_print_0123456789"
@@ -59,8 +59,8 @@ def test_render_card(model):
     text = str(card)
     assert "# lm-x" in text and 'from_pretrained("someone/lm-x")' in text and "trained on pydoc" in text
     s = model.parameter_summary()
-    assert moezoo.modeling_utils.format_count(s["total"]) in text
-    assert moezoo.modeling_utils.format_count(s["active"]) in text
+    assert moezoo.safety.format_count(s["total"]) in text
+    assert moezoo.safety.format_count(s["active"]) in text
     assert "{{" not in text and "}}" not in text
 
 

@@ -144,9 +144,15 @@ def test_list_models_pattern_and_family():
     assert moezoo.list_models("zzz*") == []
 
 
-def test_list_pretrained_is_a_list():
-    pre = moezoo.list_pretrained()
-    assert isinstance(pre, list)
+def test_list_pretrained_names_registered_models_with_their_repos(monkeypatch):
+    from moezoo.registry import _MODELS
+
+    expected = sorted(f"{n}:{repo}" for n in moezoo.list_models() for repo in _MODELS[n].pretrained)
+    assert sorted(moezoo.list_pretrained()) == expected
+    monkeypatch.setattr(_MODELS["lm_tiny_e8k2"], "pretrained", ("someone/lm-tiny",))
+    assert "lm_tiny_e8k2:someone/lm-tiny" in moezoo.list_pretrained()
+    assert moezoo.list_pretrained("lm_tiny*") == ["lm_tiny_e8k2:someone/lm-tiny"]
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="no pretrained weights"):
         moezoo.create_model("lm_tiny_e8k2", pretrained=True)
 

@@ -23,7 +23,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from moezoo.core import FMEMoELayer, MoELayer  # noqa: E402
+from moezoo.core import FMEMoELayer, build_moe_layer  # noqa: E402
 
 
 def _time(fn, repeats: int) -> float:
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         router = dict(router_type="topk", router_kwargs={"softmax_after_topk": True, "bias": True})
         fme = {impl: FMEMoELayer(hidden_size=H, num_experts=E, num_experts_per_tok=k, implementation=impl, **router)
                for impl in ("sparse", "dense")}
-        moe = MoELayer(hidden_size=H, num_experts=E, num_experts_per_tok=k, moe_intermediate_size=4 * H,
+        moe = build_moe_layer(hidden_size=H, num_experts=E, num_experts_per_tok=k, moe_intermediate_size=4 * H,
                        hidden_act="gelu", gated_experts=False, expert_bias=True, **router)
         t_moe = measure(moe, x, args.repeats)
         for impl, layer in fme.items():

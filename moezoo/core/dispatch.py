@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .routers import RouterOutput, finish
+from .routing.output import RouterOutput
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int = 1) -> int:
@@ -46,4 +46,4 @@ def apply_capacity(ro: RouterOutput, num_experts: int, capacity_factor: float, *
     new_idx = torch.where(keep, flat_idx, num_experts).view(T, K)
     new_w = torch.where(keep.view(T, K), w, torch.zeros((), dtype=w.dtype, device=w.device))
     extras = dict(ro.extras, drop_rate=drop_rate, capacity=cap)
-    return finish(ro.logits, ro.probs, new_idx, new_w, ro.num_experts, ro.aux_loss, **extras)
+    return RouterOutput.from_selection(ro.logits, ro.probs, new_idx, new_w, ro.num_experts, ro.aux_loss, **extras)

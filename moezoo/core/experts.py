@@ -18,24 +18,22 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.activations import ACT2CLS, ACT2FN
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, use_experts_implementation
 
-ACTIVATIONS = {
-    "silu": F.silu,
-    "swish": F.silu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
+# moezoo's config name for tanh-approximated GELU (configs and converted checkpoints use it) -> transformers' name
+ACTIVATION_ALIASES = {"gelu_tanh": "gelu_pytorch_tanh"}
 
 DEFAULT_EXPERTS_IMPLEMENTATION = "moezoo"
 
 
 def get_activation(name: str):
-    if name not in ACTIVATIONS:
-        raise ValueError(f"hidden_act={name!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
-    return ACTIVATIONS[name]
+    """transformers' activation module ``ACT2FN[name]`` (``"gelu_tanh"`` is ``"gelu_pytorch_tanh"``)."""
+    key = ACTIVATION_ALIASES.get(name, name)
+    if not isinstance(key, str) or key not in ACT2CLS:
+        raise ValueError(f"hidden_act={name!r} is not supported; expected one of transformers' ACT2FN names "
+                         f"{sorted(ACT2CLS)} or {sorted(ACTIVATION_ALIASES)}")
+    return ACT2FN[key]
 
 
 @dataclass
@@ -294,6 +292,11 @@ def _loop_wgrad(a_t: torch.Tensor, b: torch.Tensor, counts: list[int], shape) ->
     return out
 
 
+def _counts_tensor(counts, device) -> torch.Tensor:
+    """Per-expert slot counts as a device tensor (a list on the CPU loop path, already a tensor on the grouped path)."""
+    return counts if torch.is_tensor(counts) else torch.tensor(counts, device=device)
+
+
 class _SortedExpertsFunction(torch.autograd.Function):
     """y[t] = sum_slots w * down_e(act(gate_up_e(x[t]))) for slots sorted by expert.
 
@@ -309,7 +312,7 @@ class _SortedExpertsFunction(torch.autograd.Function):
         W2t = W2.transpose(-2, -1)
         h = _gmm(xs, W1t, offs) if use_gmm else _loop_mm(xs, W1t, counts)
         if b1 is not None:
-            h = h + b1.repeat_interleave(torch.tensor(counts, device=h.device), dim=0, output_size=h.shape[0])
+            h = h + b1.repeat_interleave(_counts_tensor(counts, h.device), dim=0, output_size=h.shape[0])
         if fast_swiglu:
             g, u = h.chunk(2, dim=-1)
             sg = torch.ops.aten.silu.out(g, out=POOL.empty(g.shape, g.dtype, g.device))
@@ -319,7 +322,7 @@ class _SortedExpertsFunction(torch.autograd.Function):
             a = gate_fn(h)
         y = _gmm(a, W2t, offs) if use_gmm else _loop_mm(a, W2t, counts)
         if b2 is not None:
-            y = y + b2.repeat_interleave(torch.tensor(counts, device=y.device), dim=0, output_size=y.shape[0])
+            y = y + b2.repeat_interleave(_counts_tensor(counts, y.device), dim=0, output_size=y.shape[0])
         out = torch.zeros_like(x)
         out.index_add_(0, tok, torch.mul(y, w.unsqueeze(-1).to(y.dtype), out=POOL.empty(y.shape, y.dtype, y.device)))
         ctx.save_for_backward(xs, tok, w, offs, h, sg, a, y, W1, W2)
@@ -361,7 +364,8 @@ class _SortedExpertsFunction(torch.autograd.Function):
             grad_x.index_add_(0, tok, dxs)
         db1 = db2 = None
         if ctx.has_b1 or ctx.has_b2:
-            seg = torch.repeat_interleave(torch.arange(len(counts), device=dy.device), torch.tensor(counts, device=dy.device))
+            seg = torch.repeat_interleave(torch.arange(len(counts), device=dy.device), _counts_tensor(counts, dy.device),
+                                          output_size=dy.shape[0])
             if ctx.has_b1:
                 db1 = torch.zeros(W1.shape[0], W1.shape[1], dtype=dh.dtype, device=dh.device).index_add_(0, seg, dh)
             if ctx.has_b2:
@@ -384,40 +388,6 @@ def sort_by_expert(top_k_index: torch.Tensor, num_experts: int):
     return order, order // k, counts, counts.cumsum(0).to(torch.int32)
 
 
-_MALLOC_TUNED = False
-
-
-def tune_cpu_allocator(force: bool = False) -> bool:
-    """Keep freed large blocks inside the process (glibc ``mallopt``) instead of returning them to the OS.
-
-    PyTorch's CPU allocator is glibc ``malloc``; blocks above glibc's mmap threshold are ``mmap``-ed on every
-    allocation and page-faulted in on first touch, which costs more than the arithmetic of the elementwise ops of an
-    MoE layer (and of a dense FFN) at training sizes.  Raising the mmap and trim thresholds lets ``malloc`` reuse freed
-    memory, like the CUDA caching allocator does on GPU; the price is that the process keeps its peak heap.
-    moezoo's own kernel does not need it (its :class:`BufferPool` reuses its buffers); this opt-in speeds up the rest
-    of a CPU training step (dense layers, attention).  It affects the whole process, is a no-op where glibc is absent
-    or when ``MOEZOO_TUNE_MALLOC=0``.  Returns whether the setting was applied.
-    """
-    global _MALLOC_TUNED
-    if _MALLOC_TUNED and not force:
-        return True
-    _MALLOC_TUNED = True  # try once
-    import os
-    import sys
-
-    if os.environ.get("MOEZOO_TUNE_MALLOC", "1") == "0" or not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        big = 2**31 - 1
-        return bool(libc.mallopt(m_mmap_threshold, big)) and bool(libc.mallopt(m_trim_threshold, big))
-    except (OSError, AttributeError):
-        return False
-
-
 def moezoo_experts_forward(self: _ExpertsBase, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                            top_k_weights: torch.Tensor) -> torch.Tensor:
     """moezoo's experts implementation (registered as ``"moezoo"``): sort-based dropless dispatch, grouped matmuls.
@@ -437,11 +407,12 @@ def moezoo_experts_forward(self: _ExpertsBase, hidden_states: torch.Tensor, top_
     # CUDA (sm80+): one grouped-mm kernel per projection.  CPU: a per-expert ``torch.mm`` loop writing into one
     # buffer measured faster than torch's CPU grouped-mm kernel (eval/speed/moe_layer.py).
     use_gmm = hidden_states.device.type == "cuda" and _has_grouped_mm(hidden_states.device)
-    counts_list = counts.tolist()
+    # the per-expert loop needs host-side counts; the grouped-mm path keeps them on the device (no sync)
+    counts_arg = counts if use_gmm else counts.tolist()
     b1 = self.in_proj_bias
     b2 = self.down_proj_bias if self._bias else None
     fast_swiglu = self.gated and not self.up_first and self.hidden_act in ("silu", "swish") and type(self)._apply_gate is _ExpertsBase._apply_gate
-    return _SortedExpertsFunction.apply(hidden_states, tok, w, offs, counts_list, W1, W2, b1, b2, self._apply_gate,
+    return _SortedExpertsFunction.apply(hidden_states, tok, w, offs, counts_arg, W1, W2, b1, b2, self._apply_gate,
                                         use_gmm, fast_swiglu)
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .experts import get_activation, sort_by_expert
-from .routers import RouterOutput, build_router, router_parameters
+from .routing import RouterOutput, build_router, router_parameters
 
 FME_IMPLEMENTATIONS = ("sparse", "dense")
 

@@ -1,111 +1,122 @@
-"""MoELayer = router + dispatch + experts (+ zero-FLOP experts, + shared experts)."""
+"""The MoE FFN of the shared backbone: ``MoELayer(router, experts, shared, zero_flop, capacity)`` and the one translator
+from a config (or plain keyword arguments) to such a layer, :func:`build_moe_layer`."""
 from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .dispatch import apply_capacity
-from .experts import ExpertsImplementationConfig, ZeroFlopExperts, SharedExpert, build_experts
-from .routers import RouterOutput, build_router, finish, router_parameters, samples_of_tokens
+from .experts import ExpertsImplementationConfig, SharedExpert, ZeroFlopExperts, build_experts, get_activation
+from .routing import Router, RouterOutput, build_router, router_parameters
+from .routing.conditional import UnconditionalRouter
 
 # implementations that understand the sentinel id ``num_experts`` natively
 _SENTINEL_AWARE = {"moezoo", "eager", None}
+DROP_POLICIES = ("probs", "position")
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """Capacity mode with token dropping: each expert takes at most ``ceil(factor * T * k / R)`` slots; the pairs
+    beyond are dropped by ``drop_policy`` (``"probs"``: lowest weight first, ``"position"``: latest tokens first)."""
+
+    factor: float
+    drop_policy: str = "probs"
+
+    def __post_init__(self):
+        if isinstance(self.factor, bool) or not isinstance(self.factor, (int, float)) or self.factor <= 0:
+            raise ValueError(f"capacity_factor must be a number > 0 or None, got {self.factor!r}")
+        if self.drop_policy not in DROP_POLICIES:
+            raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {self.drop_policy!r}")
+
+    def apply(self, routing: RouterOutput) -> RouterOutput:
+        return apply_capacity(routing, routing.num_experts, self.factor, policy=self.drop_policy)
+
+
+def _base_module(module: nn.Module) -> nn.Module:
+    """The module itself, or the one a peft adapter wraps (peft's ``BaseTunerLayer.get_base_layer``)."""
+    get_base = getattr(module, "get_base_layer", None)
+    return get_base() if callable(get_base) else module
 
 
 class MoELayer(nn.Module):
-    """One Mixture-of-Experts FFN layer of the shared backbone.
+    """One Mixture-of-Experts FFN layer: ``router`` -> (capacity) -> ``experts`` (+ ``zero_flop``, + ``shared``).
 
-    Keyword args (all explicit; families translate their configs into these):
-        hidden_size, num_experts, num_experts_per_tok, moe_intermediate_size: H, E (routed FFN experts), k, I.
-        hidden_act, expert_bias, gated_experts, up_first: expert MLP form (SwiGLU by default; see ``Experts``).
-        router_type: a name in :data:`moezoo.core.routers.ROUTERS` (``"topk"`` by default).
-        router: a ready router module (overrides ``router_type``); it must return a :class:`RouterOutput`.
-        router_kwargs: extra keyword arguments for the router constructor (``scoring_func``, ``norm_topk_prob``,
-            ``n_group``, ``top_p``, ...).
-        num_null_experts, num_zero_experts, num_copy_experts, num_constant_experts: zero-FLOP experts appended after the
-            routed ones in the router's expert space (AdaMoE null experts; MoE++ zero / copy / constant experts).
-        num_shared_experts, shared_intermediate_size, shared_expert_gate: always-on dense experts (one fused MLP of
-            intermediate ``num_shared_experts * shared_intermediate_size``), optionally scaled by a sigmoid gate.
+    Args:
+        router: a :class:`moezoo.core.Router` returning a :class:`RouterOutput` over the layer's expert space: the
+            FFN experts ``[0, E)``, then the zero-FLOP experts; the sentinel id is the total.
+        experts: the FFN experts (``forward(x (T, H), top_k_index (T, K), top_k_weights (T, K))``), e.g.
+            :func:`moezoo.core.build_experts`; 3-D parameters ``gate_up_proj`` / ``up_proj`` and ``down_proj``.
+        shared: an always-on dense MLP added to every token (``shared_expert``), or None.
+        zero_flop: :class:`ZeroFlopExperts` placed after the FFN experts (null / zero / copy / constant), or None.
+        capacity: a :class:`Capacity` (or a capacity factor) for capacity mode with dropping; None = dropless.
+        shared_gate: ``Linear(H, 1)`` whose sigmoid scales the shared expert (``shared_expert_gate``), or None.
         expert_input_scale: multiply the experts' input (not the router's) by this (MoE++ doubles it).
-        capacity_factor, drop_policy: capacity mode with token dropping (``None`` = dropless).
-        experts_config: object carrying ``_experts_implementation`` (the model config inside moezoo models).
-        shared_gated: the shared expert is a gated MLP (``act(gate) * up``, default) or a plain ``down(act(up x))``
-            MLP (ProMoE's GELU shared expert; with ``expert_bias`` it has biases).
-        unconditional_expert: one more FFN expert (id ``num_experts``, after the routed ones) that takes every token
-            flagged by the ``uncond_mask=`` signal with weight 1, bypassing the router (ProMoE's conditional routing:
-            tokens of null-class samples). The router (any type) sees only the other tokens and routes them over the
-            ``num_experts`` routed experts; see :meth:`route_unconditional`.
+        num_experts_per_tok: k reported for parameter counts (default: the router's ``top_k``).
+
+    Submodules keep transformers' names: ``gate`` (router), ``experts``, ``shared_expert``, ``shared_expert_gate``,
+    ``zero_flop``, so ``...mlp.gate.weight`` / ``...mlp.experts.gate_up_proj`` paths carry over.
 
     ``forward(hidden_states (..., H), **signals)`` returns ``(output (..., H), RouterOutput)``; ``signals`` go to the
-    router (``condition=``, ``modality_ids=``, ``gate_residual=``, ``attention_mask=`` ...). A router whose class sets
-    ``uses_token_shape = True`` (per-sample routers) also gets ``token_shape=`` = the leading shape ``(B, S)`` of
-    ``hidden_states`` (unless the caller passes one).
+    router (``condition=``, ``modality_ids=``, ``gate_residual=``, ``attention_mask=``, ``uncond_mask=`` ...). A router
+    whose class sets ``uses_token_shape = True`` also gets ``token_shape=`` = the leading shape ``(B, S)``.
+    Build one from a config with :func:`build_moe_layer`.
     """
 
-    def __init__(self, *, hidden_size: int, num_experts: int, num_experts_per_tok: int = 2, moe_intermediate_size: int,
-                 hidden_act: str = "silu", expert_bias: bool = False, gated_experts: bool = True, up_first: bool = False,
-                 router_type: str = "topk", router: nn.Module | None = None, router_kwargs: dict | None = None,
-                 num_null_experts: int = 0, num_zero_experts: int = 0, num_copy_experts: int = 0,
-                 num_constant_experts: int = 0, num_shared_experts: int = 0, shared_intermediate_size: int | None = None,
-                 shared_expert_gate: bool = False, shared_hidden_act: str | None = None, expert_input_scale: float = 1.0,
-                 capacity_factor: float | None = None, drop_policy: str = "probs", experts_config=None,
-                 shared_gated: bool = True, unconditional_expert: bool = False):
+    def __init__(self, router: Router, experts: nn.Module, shared: nn.Module | None = None,
+                 zero_flop: ZeroFlopExperts | None = None, capacity: Capacity | float | None = None, *,
+                 shared_gate: nn.Module | None = None, expert_input_scale: float = 1.0,
+                 num_experts_per_tok: int | None = None):
         super().__init__()
-        # serialisable constructor arguments (what ``moezoo convert`` writes for block references)
-        self.init_kwargs = {k: v for k, v in locals().items()
-                            if k not in ("self", "router", "experts_config", "__class__")}
-        for name, v in (("hidden_size", hidden_size), ("num_experts", num_experts), ("moe_intermediate_size", moe_intermediate_size)):
-            if not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        for name, v in (("num_null_experts", num_null_experts), ("num_zero_experts", num_zero_experts),
-                        ("num_copy_experts", num_copy_experts), ("num_constant_experts", num_constant_experts),
-                        ("num_shared_experts", num_shared_experts)):
-            if not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be a non-negative int, got {v!r}")
-        if capacity_factor is not None and capacity_factor <= 0:
-            raise ValueError(f"capacity_factor must be > 0 or None, got {capacity_factor!r}")
-        self.hidden_size = hidden_size
-        self.num_experts = num_experts
-        self.num_experts_per_tok = num_experts_per_tok
-        self.unconditional_expert = bool(unconditional_expert)
-        n_uncond = int(self.unconditional_expert)
-        self.zero_flop = ZeroFlopExperts(hidden_size, num_experts + n_uncond, num_null=num_null_experts,
-                                         num_zero=num_zero_experts, num_copy=num_copy_experts,
-                                         num_constant=num_constant_experts)
-        self.num_routable = num_experts + n_uncond + self.zero_flop.count
-        if router is None:
-            kwargs = dict(router_kwargs or {})
-            kwargs.setdefault("hidden_size", hidden_size)
-            kwargs.setdefault("num_experts", self.num_routable - n_uncond)
-            if "top_k" in router_parameters(router_type):
-                kwargs.setdefault("top_k", num_experts_per_tok)
-            router = build_router(router_type, **kwargs)
+        if not isinstance(router, nn.Module) or not hasattr(router, "num_experts"):
+            raise ValueError(f"router must be a moezoo.core.Router, got {type(router).__name__}")
+        if capacity is not None and not isinstance(capacity, Capacity):
+            capacity = Capacity(capacity)
+        if zero_flop is not None and zero_flop.count == 0:
+            zero_flop = None
         self.gate = router
-        self.experts = build_experts(experts_config or ExpertsImplementationConfig(), num_experts=num_experts + n_uncond,
-                                     hidden_size=hidden_size, intermediate_size=moe_intermediate_size,
-                                     hidden_act=hidden_act, bias=expert_bias, gated=gated_experts, up_first=up_first)
-        self.shared_expert = None
-        self.shared_expert_gate = None
-        if num_shared_experts:
-            inter = num_shared_experts * (shared_intermediate_size or moe_intermediate_size)
-            if shared_gated:
-                self.shared_expert = SharedExpert(hidden_size, inter, shared_hidden_act or hidden_act, bias=expert_bias)
-            else:
-                self.shared_expert = PlainSharedExpert(hidden_size, inter, shared_hidden_act or hidden_act,
-                                                       bias=expert_bias)
-            if shared_expert_gate:
-                self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
+        self.experts = experts
+        # FFN experts before any expert parallelism (which makes ``experts.num_experts`` local)
+        self.num_ffn_experts = int(experts.num_experts)
+        self.num_experts = self.num_ffn_experts - int(getattr(router, "num_extra_experts", 0))
+        self.hidden_size = int(getattr(experts, "hidden_dim", getattr(router, "hidden_size", 0)))
+        self.zero_flop = zero_flop
+        self.num_routable = self.num_ffn_experts + (zero_flop.count if zero_flop is not None else 0)
+        router_width = router.num_experts + int(getattr(router, "num_extra_experts", 0))
+        if router_width != self.num_routable:
+            raise ValueError(f"the router routes over {router_width} experts but the layer has {self.num_routable} "
+                             f"({self.num_ffn_experts} FFN experts + "
+                             f"{zero_flop.count if zero_flop is not None else 0} zero-FLOP experts)")
+        self.shared_expert = shared
+        self.shared_expert_gate = shared_gate
+        if isinstance(router, UnconditionalRouter):  # capacity applies to the routed tokens only
+            router.routed_capacity, capacity = capacity, None
+        self.capacity = capacity
         self.expert_input_scale = expert_input_scale
-        self.capacity_factor = capacity_factor
-        self.drop_policy = drop_policy
+        self.num_experts_per_tok = int(num_experts_per_tok or getattr(router, "top_k", None) or self.num_experts)
+
+    @classmethod
+    def from_init_kwargs(cls, **init_kwargs) -> "MoELayer":
+        """Rebuild a layer from its ``init_kwargs`` (:func:`build_moe_layer` arguments; ``moezoo convert`` folders)."""
+        return build_moe_layer(layer_class=cls, **init_kwargs)
+
+    @property
+    def capacity_factor(self) -> float | None:
+        cap = self.gate.routed_capacity if isinstance(self.gate, UnconditionalRouter) else self.capacity
+        return None if cap is None else cap.factor
+
+    @property
+    def unconditional_expert(self) -> bool:
+        return isinstance(self.gate, UnconditionalRouter)
 
     def route(self, x: torch.Tensor, **signals) -> RouterOutput:
-        if self.unconditional_expert:
-            return self.route_unconditional(x, **signals)
-        out = self.gate(x, **signals)
-        if self.capacity_factor is not None:
-            out = apply_capacity(out, self.num_routable, self.capacity_factor, policy=self.drop_policy)
-        return out
+        routing = self.gate(x, **signals)
+        if self.capacity is not None:
+            routing = self.capacity.apply(routing)
+        return routing
 
     def forward(self, hidden_states: torch.Tensor, **signals) -> tuple[torch.Tensor, RouterOutput]:
         if hidden_states.shape[-1] != self.hidden_size:
@@ -113,30 +124,30 @@ class MoELayer(nn.Module):
                              f"expected hidden_size={self.hidden_size}")
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)
-        if getattr(self.gate, "uses_token_shape", False) or self.unconditional_expert:  # per-sample grouping
+        if getattr(self.gate, "uses_token_shape", False):  # per-sample grouping
             signals.setdefault("token_shape", tuple(shape[:-1]))
-        ro = self.route(x, **signals)
-        out = self.combine(x, ro)
-        return out.reshape(shape), ro
+        routing = self.route(x, **signals)
+        out = self.combine(x, routing)
+        return out.reshape(shape), routing
 
-    def combine(self, x: torch.Tensor, ro: RouterOutput) -> torch.Tensor:
-        """Expert outputs mixed with the routing decision ``ro`` (T, H) -> (T, H)."""
+    def combine(self, x: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
+        """Expert outputs mixed with the routing decision (T, H) -> (T, H)."""
         xe = x * self.expert_input_scale if self.expert_input_scale != 1.0 else x
-        idx, w = ro.indices, ro.weights
-        # routed experts (+ the unconditional expert); not experts.num_experts, which expert parallelism makes local
-        E = self.num_experts + int(self.unconditional_expert)
+        idx, w = routing.indices, routing.weights
+        E = self.num_ffn_experts
         routed = idx < E
-        impl = getattr(self.experts.config, "_experts_implementation", None)
+        experts = _base_module(self.experts)
+        impl = getattr(getattr(experts, "config", None), "_experts_implementation", None)
         # transformers' expert parallelism (``_is_expert_parallel``, set by its "grouped_gemm" style) counts tokens per
         # global expert id, so sentinels must not reach it (moezoo.core.parallel)
-        if impl in _SENTINEL_AWARE and not getattr(self.experts, "_is_expert_parallel", False):
+        if impl in _SENTINEL_AWARE and not getattr(experts, "_is_expert_parallel", False):
             ridx = torch.where(routed, idx, E)
             rw = w
         else:  # transformers' kernels: point empty slots at expert 0 with weight 0
             ridx = torch.where(routed, idx, 0)
             rw = torch.where(routed, w, torch.zeros((), dtype=w.dtype, device=w.device))
         out = self.experts(xe, ridx, rw.to(xe.dtype))
-        if self.zero_flop.has_output:
+        if self.zero_flop is not None and self.zero_flop.has_output:
             out = out + self.zero_flop(xe, idx, w)
         if self.shared_expert is not None:
             s = self.shared_expert(x)
@@ -148,96 +159,140 @@ class MoELayer(nn.Module):
     def extra_repr(self) -> str:
         return f"routable={self.num_routable}, top_k={self.num_experts_per_tok}, capacity_factor={self.capacity_factor}"
 
-    def route_unconditional(self, x: torch.Tensor, *, uncond_mask=None, **signals) -> RouterOutput:
-        """Conditional routing with an unconditional expert (``unconditional_expert=True``).
 
-        ``uncond_mask``: bool, one entry per sample (B,) or per token ((B, S) / (T,)); flagged tokens go to expert
-        ``num_experts`` with weight 1 (slot 0; the other slots are sentinels), the rest through the router over the
-        routed experts (capacity applies to those only). Tensor signals are cut to the routed tokens: per-sample ones
-        (leading dim B) by sample when the mask is per-sample, per-token ones (leading T, or (B, S)) by token;
-        ``token_shape`` becomes ``(routed samples, S)`` for per-sample masks (so per-sample routers keep working).
+# ----------------------------------------------------------------------------------------------------------------------
+# The one translator: config / keyword arguments -> MoELayer
+# ----------------------------------------------------------------------------------------------------------------------
 
-        The returned output lives in the layer's expert space (routed, unconditional, zero-FLOP experts): logits are
-        ``finfo.min`` where a token cannot go (0 for the unconditional column of flagged tokens), probs 0 / 1 there.
-        ``extras``: ``routed_output`` (the router's own output on the routed tokens, for balance / contrastive losses),
-        ``routed_token_index`` (n,), ``uncond_token_mask`` (T,), ``uncond_expert_id``.
-        """
-        if uncond_mask is None:
-            raise ValueError("a MoELayer with unconditional_expert=True needs the signal uncond_mask= (bool, one entry "
-                             "per sample (batch,) or per token), True for tokens that go to the unconditional expert")
-        if not torch.is_tensor(uncond_mask) or uncond_mask.is_floating_point() or uncond_mask.is_complex():
-            raise ValueError("uncond_mask must be a bool (or integer 0/1) tensor")
-        T = x.shape[0]
-        token_shape = signals.pop("token_shape", None)
-        flat = uncond_mask.reshape(-1).to(device=x.device).bool()
-        sample_keep = None
-        if flat.numel() == T:
-            null_tok = flat
-        else:
-            B = flat.numel()
-            per = samples_of_tokens(T, B, token_shape, "uncond_mask")
-            null_tok = flat.repeat_interleave(per)
-            sample_keep = ~flat
-        keep = ~null_tok
-        cond_idx = keep.nonzero().squeeze(-1)
-        lead = tuple(int(v) for v in token_shape) if token_shape is not None else None
-        sub = {k: _subset_signal(v, T, lead, keep, sample_keep) for k, v in signals.items()}
-        if getattr(self.gate, "uses_token_shape", False):
-            if sample_keep is not None and lead is not None and len(lead) >= 2:
-                sub["token_shape"] = (int(sample_keep.sum()), *lead[1:])
-            else:
-                sub["token_shape"] = None
-        if cond_idx.numel():
-            base = self.gate(x.index_select(0, cond_idx), **sub)
-        else:  # nothing to route: run the router on every token once for the output widths, keep no row
-            if getattr(self.gate, "uses_token_shape", False):
-                signals["token_shape"] = token_shape
-            full = self.gate(x, **signals)
-            base = RouterOutput(full.logits[:0], full.probs[:0], full.indices[:0], full.weights[:0],
-                                full.experts_per_token[:0], full.num_experts, None, {})
+
+@dataclass
+class MoELayerConfig:
+    """Everything :func:`build_moe_layer` reads, named as transformers' MoE config fields.
+
+    hidden_size, num_experts, num_experts_per_tok, moe_intermediate_size: H, E (routed FFN experts), k, I.
+    hidden_act, expert_bias, gated_experts, up_first: expert MLP form (SwiGLU by default; see ``Experts``).
+    router_type: a name in :data:`moezoo.core.ROUTERS`; router_kwargs: its extra constructor kwargs;
+    norm_topk_prob: given to routers that take it (unless router_kwargs sets it).
+    num_null_experts, num_zero_experts, num_copy_experts, num_constant_experts: zero-FLOP experts after the routed ones.
+    num_shared_experts, shared_intermediate_size, shared_expert_gate, shared_hidden_act, shared_gated: always-on
+        experts (one fused MLP of intermediate ``num_shared_experts * shared_intermediate_size``; gated ``act(g) * u``
+        or plain ``down(act(up x))``), optionally scaled by a sigmoid gate.
+    expert_input_scale: multiply the experts' input by this (MoE++).
+    capacity_factor, drop_policy: capacity mode (None = dropless).
+    unconditional_expert: one more FFN expert taking the tokens flagged by ``uncond_mask=`` (ProMoE), see
+        :class:`moezoo.core.routing.UnconditionalRouter`.
+    """
+
+    hidden_size: int
+    num_experts: int
+    moe_intermediate_size: int
+    num_experts_per_tok: int = 2
+    hidden_act: str = "silu"
+    expert_bias: bool = False
+    gated_experts: bool = True
+    up_first: bool = False
+    router_type: str = "topk"
+    router_kwargs: dict | None = None
+    norm_topk_prob: bool | None = None
+    num_null_experts: int = 0
+    num_zero_experts: int = 0
+    num_copy_experts: int = 0
+    num_constant_experts: int = 0
+    num_shared_experts: int = 0
+    shared_intermediate_size: int | None = None
+    shared_expert_gate: bool = False
+    shared_hidden_act: str | None = None
+    shared_gated: bool = True
+    expert_input_scale: float = 1.0
+    capacity_factor: float | None = None
+    drop_policy: str = "probs"
+    unconditional_expert: bool = False
+
+    @classmethod
+    def from_config(cls, config, **overrides) -> "MoELayerConfig":
+        """Read the fields of a (transformers) config object by name; missing ones keep their defaults."""
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name in overrides:
+                values[f.name] = overrides.pop(f.name)
+            elif hasattr(config, f.name):
+                values[f.name] = getattr(config, f.name)
+        if overrides:
+            raise TypeError(f"build_moe_layer got unknown argument(s) {sorted(overrides)}; expected fields of "
+                            f"MoELayerConfig: {[f.name for f in dataclasses.fields(cls)]}")
+        return cls(**values)
+
+    def __post_init__(self):
+        for name in ("hidden_size", "num_experts", "moe_intermediate_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        for name in ("num_null_experts", "num_zero_experts", "num_copy_experts", "num_constant_experts",
+                     "num_shared_experts"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+        if self.router_kwargs is not None and not isinstance(self.router_kwargs, dict):
+            raise ValueError(f"router_kwargs must be a dict or None, got {type(self.router_kwargs).__name__}")
         if self.capacity_factor is not None:
-            base = apply_capacity(base, base.num_experts, self.capacity_factor, policy=self.drop_policy)
-        E = self.num_experts
-        R = base.num_experts + 1
-        K = base.indices.shape[-1]
-        dev = x.device
-        mapped = base.indices + (base.indices >= E).long()  # make room for the unconditional id E
-        indices = torch.full((T, K), R, dtype=torch.long, device=dev)
-        indices[:, 0] = torch.where(null_tok, E, R)
-        indices = indices.index_copy(0, cond_idx, mapped)
-        w_null = torch.zeros(T, K, dtype=base.weights.dtype, device=dev)
-        w_null[:, 0] = null_tok.to(w_null.dtype)
-        weights = w_null.index_copy(0, cond_idx, base.weights)
-
-        def widen(t: torch.Tensor, fill: float, null_value: float) -> torch.Tensor:
-            full = torch.full((T, R), fill, dtype=t.dtype, device=dev)
-            full[:, E] = torch.where(null_tok, torch.full_like(null_tok, null_value, dtype=t.dtype),
-                                     torch.full_like(null_tok, fill, dtype=t.dtype))
-            col = torch.full((t.shape[0], 1), fill, dtype=t.dtype, device=dev)
-            return full.index_copy(0, cond_idx, torch.cat([t[:, :E], col, t[:, E:]], 1))
-
-        logits = widen(base.logits, torch.finfo(base.logits.dtype).min, 0.0)
-        probs = widen(base.probs, 0.0, 1.0)
-        return finish(logits, probs, indices, weights, R, base.aux_loss, routed_output=base,
-                      routed_token_index=cond_idx, uncond_token_mask=null_tok, uncond_expert_id=E)
+            Capacity(self.capacity_factor, self.drop_policy)
 
 
-def _subset_signal(value, num_tokens: int, token_shape, keep: torch.Tensor, sample_keep: torch.Tensor | None):
-    """Cut a router signal to the routed tokens (see :meth:`MoELayer.route_unconditional`)."""
-    if not torch.is_tensor(value) or value.dim() == 0:
-        return value
-    n = value.shape[0]
-    B = None if sample_keep is None else sample_keep.numel()
-    if B is not None and n == B and B != num_tokens:
-        return value[sample_keep.to(value.device)]
-    if n == num_tokens:
-        return value[keep.to(value.device)]
-    if token_shape is not None and len(token_shape) >= 2 and tuple(value.shape[:2]) == tuple(token_shape[:2]):
-        return value.reshape(num_tokens, *value.shape[2:])[keep.to(value.device)]
-    if token_shape is not None and len(token_shape) >= 2 and n == token_shape[0]:  # per-sample, per-token mask
-        per = num_tokens // n
-        return value.repeat_interleave(per, dim=0)[keep.to(value.device)]
-    return value
+def build_moe_layer(config=None, *, experts_config=None, router: Router | None = None,
+                    layer_class: type[MoELayer] = MoELayer, **kwargs) -> MoELayer:
+    """Build the :class:`MoELayer` that ``config`` describes: the one translator every family uses.
+
+    ``config``: a :class:`MoELayerConfig`, or any object (a transformers config) whose fields are read by the names of
+    :class:`MoELayerConfig`, or None (then ``kwargs`` hold the fields); ``kwargs`` override config fields.
+    ``experts_config``: object carrying ``_experts_implementation`` (default: ``config`` when it is a model config,
+    so ``model.set_experts_implementation(...)`` reaches the experts). ``router``: a ready router (replaces
+    ``router_type`` / ``router_kwargs``). ``layer_class``: a MoELayer subclass to build.
+    The result keeps its build arguments in ``init_kwargs`` (``moezoo convert`` rebuilds block references from them).
+    """
+    if isinstance(config, MoELayerConfig):
+        spec = dataclasses.replace(config, **kwargs) if kwargs else config
+    elif config is None:
+        spec = MoELayerConfig(**kwargs)
+    else:
+        spec = MoELayerConfig.from_config(config, **kwargs)
+        if experts_config is None:
+            experts_config = config
+    H, E = spec.hidden_size, spec.num_experts
+    zero_flop = ZeroFlopExperts(H, E + int(spec.unconditional_expert), num_null=spec.num_null_experts,
+                                num_zero=spec.num_zero_experts, num_copy=spec.num_copy_experts,
+                                num_constant=spec.num_constant_experts)
+    if router is None:
+        router_kwargs = dict(spec.router_kwargs or {})
+        params = router_parameters(spec.router_type)
+        router_kwargs.setdefault("hidden_size", H)
+        router_kwargs.setdefault("num_experts", E + zero_flop.count)
+        if "top_k" in params:
+            router_kwargs.setdefault("top_k", spec.num_experts_per_tok)
+        if spec.norm_topk_prob is not None and "norm_topk_prob" in params:
+            router_kwargs.setdefault("norm_topk_prob", spec.norm_topk_prob)
+        if "condition_dim" in params:  # conditional routers read a condition of the tokens' width unless told
+            router_kwargs.setdefault("condition_dim", H)
+        router = build_router(spec.router_type, **router_kwargs)
+    if spec.unconditional_expert:
+        router = UnconditionalRouter.wrap(router, expert_id=E)
+    experts = build_experts(experts_config or ExpertsImplementationConfig(), num_experts=E + int(spec.unconditional_expert),
+                            hidden_size=H, intermediate_size=spec.moe_intermediate_size, hidden_act=spec.hidden_act,
+                            bias=spec.expert_bias, gated=spec.gated_experts, up_first=spec.up_first)
+    shared = shared_gate = None
+    if spec.num_shared_experts:
+        inter = spec.num_shared_experts * (spec.shared_intermediate_size or spec.moe_intermediate_size)
+        act = spec.shared_hidden_act or spec.hidden_act
+        shared = (SharedExpert(H, inter, act, bias=spec.expert_bias) if spec.shared_gated
+                  else PlainSharedExpert(H, inter, act, bias=spec.expert_bias))
+        if spec.shared_expert_gate:
+            shared_gate = nn.Linear(H, 1, bias=False)
+    capacity = None if spec.capacity_factor is None else Capacity(spec.capacity_factor, spec.drop_policy)
+    layer = layer_class(router, experts, shared, zero_flop, capacity, shared_gate=shared_gate,
+                        expert_input_scale=spec.expert_input_scale, num_experts_per_tok=spec.num_experts_per_tok)
+    # serialisable build arguments (what ``moezoo convert`` writes for block references)
+    layer.init_kwargs = dataclasses.asdict(spec)
+    layer.router_type = spec.router_type
+    return layer
 
 
 class PlainSharedExpert(nn.Module):
@@ -245,11 +300,12 @@ class PlainSharedExpert(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str = "gelu_tanh", bias: bool = True):
         super().__init__()
-        from .experts import get_activation
-
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
         self.act_fn = get_activation(hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.up_proj(x)))
+
+
+__all__ = ["MoELayer", "MoELayerConfig", "Capacity", "build_moe_layer", "PlainSharedExpert", "DROP_POLICIES"]

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .routers import RouterOutput, token_mask_weights
+from .routing.output import RouterOutput, token_mask_weights
 from .stats import expert_counts
 
 
@@ -80,6 +80,44 @@ def router_z_loss(router_outputs: RouterOutput | list[RouterOutput]) -> torch.Te
     return torch.logsumexp(logits, dim=-1).pow(2).mean()
 
 
+
+def moe_aux_loss(router_outputs, *, balance_coef: float = 0.0, z_coef: float = 0.0,
+                 attention_mask: torch.Tensor | None = None, per_layer_balance: bool = False,
+                 normalize: str = "tokens", select=None, terms=()) -> torch.Tensor | None:
+    """The one auxiliary-loss aggregator of moezoo models (None when there is no router output).
+
+    ``balance_coef * balance + z_coef * z + sum(routers' own aux losses) + sum(terms)``:
+
+    - balance: :func:`switch_balance_loss` of the layers concatenated along tokens (transformers' convention), or the
+      sum of the per-layer losses with ``per_layer_balance=True`` (DiT-MoE / ProMoE; also used when the layers route
+      over different expert counts); ``normalize`` and ``attention_mask`` as in :func:`switch_balance_loss`;
+    - z: the mean over layers of :func:`router_z_loss` (ST-MoE);
+    - ``select``: maps each layer's output to the part the losses see (e.g. the routed tokens of an unconditional-expert
+      router); layers left with no token add nothing but still count in the z-loss mean;
+    - ``terms``: family-specific extra losses, already weighted (None entries are skipped).
+    """
+    ros = [ro for ro in router_outputs if ro is not None]
+    if not ros:
+        return None
+    total = torch.zeros((), device=ros[0].logits.device, dtype=torch.float32)
+    chosen = [select(ro) if select is not None else ro for ro in ros]
+    live = [ro for ro in chosen if ro.indices.shape[0]]
+    if balance_coef and live:
+        if per_layer_balance or len({ro.num_experts for ro in live}) > 1:
+            balance = sum(switch_balance_loss(ro, attention_mask=attention_mask, normalize=normalize) for ro in live)
+        else:
+            balance = switch_balance_loss(live, attention_mask=attention_mask, normalize=normalize)
+        total = total + balance_coef * balance
+    if z_coef and live:
+        total = total + z_coef * sum(router_z_loss(ro) for ro in live) / len(ros)
+    for ro in ros:
+        if ro.aux_loss is not None:
+            total = total + ro.aux_loss.float()
+    for term in terms:
+        if term is not None:
+            total = total + term.float()
+    return total
+
 def _load_vector(load, attention_mask=None) -> torch.Tensor:
     """(R,) float32 expert load from counts/fractions, a RouterOutput, or a list of RouterOutputs (summed)."""
     if isinstance(load, RouterOutput):
@@ -140,53 +178,6 @@ def update_selection_bias(router, load, gamma: float = 1e-3, *, attention_mask: 
     return delta
 
 
-class CoefficientSchedule:
-    """A loss coefficient as a function of the training step: ``coef = schedule(step)``.
-
-    Args:
-        value: the coefficient after warm-up (and before decay).
-        kind: ``"constant"`` (``value`` always), ``"linear_warmup"`` (0 -> ``value`` linearly over ``warmup_steps``,
-            then constant) or ``"cosine"`` (optional linear warm-up, then cosine from ``value`` to ``final_value`` over
-            ``decay_steps``, then ``final_value``).
-        warmup_steps: linear warm-up length (``linear_warmup`` needs > 0; optional for ``cosine``).
-        decay_steps: cosine length after warm-up (``cosine`` only).
-        final_value: the value the cosine ends at.
-        start_value: the value warm-up starts from (0 by default).
-    """
-
-    KINDS = ("constant", "linear_warmup", "cosine")
-
-    def __init__(self, value: float, kind: str = "constant", *, warmup_steps: int = 0, decay_steps: int | None = None,
-                 final_value: float = 0.0, start_value: float = 0.0):
-        if kind not in self.KINDS:
-            raise ValueError(f"kind must be one of {self.KINDS}, got {kind!r}")
-        if not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be a non-negative int, got {warmup_steps!r}")
-        if kind == "linear_warmup" and warmup_steps == 0:
-            raise ValueError("kind='linear_warmup' needs warmup_steps > 0")
-        if kind == "cosine" and (not isinstance(decay_steps, int) or decay_steps <= 0):
-            raise ValueError(f"kind='cosine' needs decay_steps, a positive int; got {decay_steps!r}")
-        self.value, self.kind, self.warmup_steps = float(value), kind, warmup_steps
-        self.decay_steps, self.final_value, self.start_value = decay_steps, float(final_value), float(start_value)
-
-    def __call__(self, step: int) -> float:
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
-        if self.kind == "constant":
-            return self.value
-        if step < self.warmup_steps:
-            return self.start_value + (self.value - self.start_value) * step / self.warmup_steps
-        if self.kind == "linear_warmup":
-            return self.value
-        t = min(step - self.warmup_steps, self.decay_steps) / self.decay_steps
-        return self.final_value + 0.5 * (self.value - self.final_value) * (1.0 + math.cos(math.pi * t))
-
-    def __repr__(self) -> str:
-        return (f"CoefficientSchedule(value={self.value}, kind={self.kind!r}, warmup_steps={self.warmup_steps}, "
-                f"decay_steps={self.decay_steps}, final_value={self.final_value})")
-
-
-@torch.no_grad()
 def null_expert_usage(router_outputs: RouterOutput | list[RouterOutput], null_ids,
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Fraction of the (non-sentinel) routing slots that went to null experts (a statistic, no gradient).
@@ -337,7 +328,7 @@ def mutual_information_loss(features, condition: torch.Tensor | None = None, *, 
 
 
 def modality_balance_loss(router_output: RouterOutput, *, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-modality Switch balance loss of a :class:`moezoo.core.routers.ModalityRouter` output -> (M,) losses.
+    """Per-modality Switch balance loss of a :class:`moezoo.core.routing.ModalityRouter` output -> (M,) losses.
 
     For modality m, over its tokens (``attention_mask`` entries of those tokens as the mask): the Switch loss in the
     modality's own pool — ``w_m * sum_e f_e P_e`` with ``f`` the masked fraction of routing slots (per rank slot, summed)

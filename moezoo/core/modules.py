@@ -1,6 +1,6 @@
 """Non-MoE building blocks that conditional-routing families share (camera / scene routers).
 
-These are not token routers (they do not return a :class:`moezoo.core.routers.RouterOutput`): they choose among a
+These are not token routers (they do not return a :class:`moezoo.core.routing.RouterOutput`): they choose among a
 small set of labels per *sample* (e.g. which camera views a driving policy looks at).
 """
 from __future__ import annotations
@@ -70,5 +70,3 @@ class CameraRouter(nn.Module):
             return F.gumbel_softmax(logits, tau=tau, hard=hard)
         return F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
 
-
-SceneRouter = CameraRouter

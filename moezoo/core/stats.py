@@ -18,7 +18,7 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
-from .routers import RouterOutput, token_mask_weights
+from .routing.output import RouterOutput, token_mask_weights
 
 __all__ = ["expert_load", "expert_counts", "routing_entropy", "RoutingStats"]
 

@@ -38,7 +38,7 @@ Drop-in module
 :class:`UpcycledMoE` *is* a ``MoELayer`` (so the parameter paths are ``...mlp.gate.weight``,
 ``...mlp.experts.gate_up_proj``, ``...mlp.experts.down_proj`` and transformers' EP plans / peft's
 ``target_parameters`` apply), whose ``forward(hidden_states)`` returns only the tensor that HF decoder layers expect
-and keeps the :class:`~moezoo.core.routers.RouterOutput` in ``last_router_output``.  ``collect_router_outputs(model)``
+and keeps the :class:`~moezoo.core.routing.RouterOutput` in ``last_router_output``.  ``collect_router_outputs(model)``
 gathers them in layer order for :func:`moezoo.core.losses.switch_balance_loss` (``upcycled_balance_loss`` does both).
 
 Experts implementation
@@ -63,24 +63,18 @@ import re
 import torch
 from torch import nn
 
+from transformers.activations import ACT2CLS
+
 from .experts import ExpertsImplementationConfig
-from .layer import MoELayer
+from .layer import MoELayer, build_moe_layer
 from .losses import switch_balance_loss
-from .routers import RouterOutput
+from .routing.output import RouterOutput
 
 __all__ = ["UpcycledMoE", "upcycle_mlp", "upcycle_model", "find_dense_mlps", "collect_router_outputs",
            "clear_router_outputs", "upcycled_balance_loss", "load_upcycled", "dense_mlp_weights"]
 
 _LAYER_MLP = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp$")
 
-# HF activation modules -> names understood by moezoo.core.experts
-_ACT_CLASS_NAMES = {
-    "SiLUActivation": "silu", "SiLU": "silu", "GELUActivation": "gelu", "GELU": "gelu",
-    "PytorchGELUTanh": "gelu_tanh", "GELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh",
-    "GELUPytorchTanh": "gelu_tanh", "ReLU": "relu",
-}
-# HF activation names that the core knows under another name (same function)
-_ACT_ALIASES = {"gelu_new": "gelu_tanh"}
 
 
 class UpcycledMoE(MoELayer):
@@ -92,9 +86,10 @@ class UpcycledMoE(MoELayer):
     All other keyword arguments are those of :class:`MoELayer`.
     """
 
-    def __init__(self, *, store_router_output: bool = True, **kwargs):
-        super().__init__(**kwargs)
-        self.store_router_output = store_router_output
+    store_router_output: bool = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.last_router_output: RouterOutput | None = None
 
     def forward_with_router(self, hidden_states: torch.Tensor, **signals) -> tuple[torch.Tensor, RouterOutput]:
@@ -137,14 +132,14 @@ def _activation_name(mlp: nn.Module, config) -> str:
         for attr in ("hidden_act", "hidden_activation"):
             name = getattr(cfg, attr, None) if cfg is not None else None
             if isinstance(name, str):
-                return _ACT_ALIASES.get(name, name)
+                return name
     for attr in ("act_fn", "activation_fn", "act"):
         act = getattr(mlp, attr, None)
-        if act is not None and type(act).__name__ in _ACT_CLASS_NAMES:
-            name = _ACT_CLASS_NAMES[type(act).__name__]
-            if name == "gelu" and getattr(act, "approximate", "none") == "tanh":
-                name = "gelu_tanh"
-            return name
+        if isinstance(act, nn.GELU):
+            return "gelu_pytorch_tanh" if act.approximate == "tanh" else "gelu"
+        for name, entry in ACT2CLS.items():  # transformers' activation classes, by their ACT2FN name
+            if act is not None and type(act) is (entry[0] if isinstance(entry, tuple) else entry):
+                return name
     raise ValueError(f"could not tell the activation of {type(mlp).__name__}; pass hidden_act= explicitly")
 
 
@@ -258,15 +253,16 @@ def upcycle_mlp(mlp: nn.Module, *, num_experts: int = 8, num_experts_per_tok: in
                 router_type=router_type,
                 router_kwargs=router_kwargs, num_shared_experts=num_shared_experts, shared_intermediate_size=inter,
                 shared_expert_gate=shared_expert_gate, experts_config=experts_config or ExpertsImplementationConfig(),
-                store_router_output=store_router_output, **kwargs)
+                layer_class=UpcycledMoE, **kwargs)
     # The FFN weights are overwritten below, so build the layer on the meta device (no random init of E dense-sized
     # experts) and take every other tensor (router, zero-FLOP experts, ...) from a twin with 1-wide FFNs, which gets
     # each module's own default init.
     with torch.device("meta"):
-        layer = UpcycledMoE(**ctor)
+        layer = build_moe_layer(**ctor)
     layer = layer.to_empty(device=device)
+    layer.store_router_output = store_router_output
     with torch.device(device):
-        twin = UpcycledMoE(**{**ctor, "moe_intermediate_size": 1, "shared_intermediate_size": 1})
+        twin = build_moe_layer(**{**ctor, "moe_intermediate_size": 1, "shared_intermediate_size": 1})
     target = dict(layer.named_parameters()) | dict(layer.named_buffers())
     for name, t in list(twin.named_parameters()) + list(twin.named_buffers()):
         if name.startswith(("experts.", "shared_expert.")):

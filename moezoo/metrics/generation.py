@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 __all__ = ["SmallImageClassifier", "ClassifierFeatures", "ClassifierLogits", "train_classifier", "load_or_train_classifier",
-           "classifier_predict", "conditional_accuracy", "frechet_distance", "classifier_fid", "classifier_inception_score",
+           "classifier_predict", "conditional_accuracy", "classifier_fid", "classifier_inception_score",
            "precision_recall", "inception_available", "inception_metrics", "save_image_grid", "RoutingAnalysis",
            "evaluate_generation", "results_markdown"]
 
@@ -193,18 +193,6 @@ def conditional_accuracy(classifier: nn.Module, images: torch.Tensor, labels: to
 
 
 # ---------------------------------------------------------------------------------------------- FID / IS / P-R
-def frechet_distance(feats1: torch.Tensor, feats2: torch.Tensor) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets (N, D) (scipy ``sqrtm``; reference helper)."""
-    from scipy import linalg
-
-    a, b = feats1.double().numpy(), feats2.double().numpy()
-    mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = np.asarray(linalg.sqrtm(s1 @ s2)).real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
-
-
-@torch.no_grad()
 def _batched(module, images, batch_size=512):
     return torch.cat([module(images[i: i + batch_size]) for i in range(0, images.shape[0], batch_size)])
 

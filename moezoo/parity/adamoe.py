@@ -20,7 +20,7 @@ import re
 import torch
 
 from moezoo.parity import strip_prefix
-from moezoo.core import MoELayer
+from moezoo.core import MoELayer, build_moe_layer
 from moezoo.core.losses import switch_balance_loss
 
 REPO = "CengZihao/AdaMoE"
@@ -47,7 +47,7 @@ def convert(config: dict, state_dict: dict[str, torch.Tensor], *, official_true_
     top_k = int(config.get("num_experts_per_tok", 2))
     inter = sd["experts.0.w1.weight"].shape[0]
     num_true = min(OFFICIAL_TRUE_EXPERT_BOUND, num_experts + num_null) if official_true_bound else num_experts
-    layer = MoELayer(hidden_size=hidden, num_experts=num_experts, num_experts_per_tok=top_k,
+    layer = build_moe_layer(hidden_size=hidden, num_experts=num_experts, num_experts_per_tok=top_k,
                      moe_intermediate_size=inter, hidden_act=config.get("hidden_act", "silu"),
                      num_null_experts=num_null, router_type="topk_null",
                      router_kwargs={"top_k": top_k, "num_true_experts": num_true,

@@ -1,7 +1,7 @@
 """DriveMoE action-expert MoE MLP + action router + camera (scene) router.
 
 - ``moe_mlp`` -> ``MoELayer(router_type="pooled")`` with GemmaMLP experts (``hidden_act="gelu_tanh"``); its gate is a
-  :class:`moezoo.core.routers.PooledRouter` holding the official ``MLPRouter`` weights (``router_linear.weight`` ->
+  :class:`moezoo.core.routing.PooledRouter` holding the official ``MLPRouter`` weights (``router_linear.weight`` ->
   ``gate.weight``, ``temperature``): per-sample ``mean_seq(W h) / |temperature|``, softmax fp32, top-k renormalised
   without epsilon, shared by all tokens of a sample. The official model computes these logits once, from the hidden
   states of the layer before the first MoE layer: ``run`` passes them as ``router_hidden_states=``.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moezoo.core import MoELayer
+from moezoo.core import MoELayer, build_moe_layer
 from moezoo.parity import count_experts
 from moezoo.core.modules import CameraRouter
 
@@ -35,7 +35,7 @@ def _moe_mlp(cfg: dict, router_cfg: dict, state: dict) -> MoELayer:
         raise ValueError(f"action_router has {router_w.shape[0]} outputs but moe_mlp has {E} skill experts")
     router_bias = state.get("action_router.router_linear.bias")
     shared_inter = [state[f"moe_mlp.shared_experts.{s}.gate_proj.weight"].shape[0] for s in shared]
-    layer = MoELayer(hidden_size=H, num_experts=E, num_experts_per_tok=k, moe_intermediate_size=I,
+    layer = build_moe_layer(hidden_size=H, num_experts=E, num_experts_per_tok=k, moe_intermediate_size=I,
                      hidden_act="gelu_tanh", router_type="pooled",
                      router_kwargs=dict(hidden_size=int(router_w.shape[1]), norm_topk_prob=True, renorm_eps=0.0,
                                         bias=router_bias is not None),

@@ -12,7 +12,7 @@ import re
 import torch
 
 from moezoo.parity import strip_prefix
-from moezoo.core import MoELayer
+from moezoo.core import MoELayer, build_moe_layer
 
 REPO = "ZhenweiAn/Dynamic_MoE"
 EXACT = {"expert_mask", "num_experts_per_token", "topp_sorted_indices"}
@@ -33,7 +33,7 @@ def convert(config: dict, state_dict: dict[str, torch.Tensor]) -> MoELayer:
     top_p = config.get("top_p_threshold")
     if top_p is None:
         raise ValueError("config.json lacks 'top_p_threshold' (the Dynamic-MoE top-p threshold)")
-    layer = MoELayer(hidden_size=hidden, num_experts=num_experts, num_experts_per_tok=num_experts,
+    layer = build_moe_layer(hidden_size=hidden, num_experts=num_experts, num_experts_per_tok=num_experts,
                      moe_intermediate_size=inter, hidden_act=config.get("hidden_act", "silu"), router_type="topp",
                      router_kwargs={"top_p": float(top_p), "convention": "dynamic_moe", "norm_topp_prob": False})
     gate_up = torch.stack([torch.cat([sd[f"experts.{e}.gate_proj.weight"], sd[f"experts.{e}.up_proj.weight"]], 0)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moezoo.core import MoELayer
+from moezoo.core import MoELayer, build_moe_layer
 from moezoo.parity import count_experts
 from moezoo.core.losses import sequence_balance_loss, switch_balance_loss
 
@@ -57,7 +57,7 @@ def _build(name: str, cfg: dict, state: dict) -> MoELayer:
         router_kwargs.update(condition_dim=int(gate_w.shape[1]), mi_loss_coef=float(cfg.get("aux_loss_alpha", 0.0)))
     else:
         router_type = "topk"
-    layer = MoELayer(hidden_size=H, num_experts=E, num_experts_per_tok=k, moe_intermediate_size=I,
+    layer = build_moe_layer(hidden_size=H, num_experts=E, num_experts_per_tok=k, moe_intermediate_size=I,
                      hidden_act=cfg.get("hidden_act", "silu"), router_type=router_type, router_kwargs=router_kwargs,
                      num_shared_experts=1 if has_shared else 0, shared_intermediate_size=shared_inter)
     layer.gate.weight.data.copy_(gate_w)

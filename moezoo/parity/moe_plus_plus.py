@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from moezoo.parity import strip_prefix
-from moezoo.core import MoELayer
+from moezoo.core import MoELayer, build_moe_layer
 
 REPO = "SkyworkAI/MoE-plus-plus"
 EXACT = {"expert_mask_nores", "expert_mask_res"}
@@ -64,7 +64,7 @@ def convert(config: dict, state_dict: dict[str, torch.Tensor]) -> MoELayer:
     inter = sd["experts.experts.0.down_proj.weight"].shape[1]
     perm = torch.tensor(official_order(E))
     scale = 1.0 if config.get("moe_feature_no_mul_topk", False) else float(top_k)
-    layer = MoELayer(hidden_size=hidden, num_experts=n_ffn, num_experts_per_tok=top_k, moe_intermediate_size=inter,
+    layer = build_moe_layer(hidden_size=hidden, num_experts=n_ffn, num_experts_per_tok=top_k, moe_intermediate_size=inter,
                      hidden_act=config.get("hidden_act", "silu"), num_zero_experts=1, num_copy_experts=1,
                      num_constant_experts=2, expert_input_scale=scale, router_type="moepp",
                      router_kwargs={"top_k": top_k, "gate_hidden_size": gate_hidden, "gating_residual": True,

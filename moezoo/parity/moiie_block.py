@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moezoo.core import MoELayer
+from moezoo.core import MoELayer, build_moe_layer
 from moezoo.parity import count_experts
 from moezoo.core.losses import modality_balance_loss
 
@@ -30,7 +30,7 @@ def convert(config: dict, state_dict: dict) -> nn.Module:
     if w_vis > E or w_lan + SHIFT > E:
         raise ValueError(f"gate widths (language {w_lan}, vision {w_vis}) do not fit {E} experts with shift {SHIFT}")
     pools = [list(range(SHIFT, SHIFT + w_lan)), list(range(w_vis))]
-    layer = MoELayer(hidden_size=H, num_experts=E, num_experts_per_tok=int(config["num_experts_per_tok"]),
+    layer = build_moe_layer(hidden_size=H, num_experts=E, num_experts_per_tok=int(config["num_experts_per_tok"]),
                      moe_intermediate_size=two_i // 2, hidden_act=config.get("hidden_act", "silu"),
                      router_type="modality",
                      router_kwargs=dict(expert_pools=pools, norm_topk_prob=True, renorm_eps=0.0,

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from moezoo.parity import strip_prefix
-from moezoo.core import MoELayer
+from moezoo.core import MoELayer, build_moe_layer
 from moezoo.core.losses import unimoe_audio_balance_loss
 
 REPO = "HITsz-TMG/UMOE-Scaling-Unified-Multimodal-LLMs"
@@ -70,7 +70,7 @@ def convert(config: dict, state_dict: dict[str, torch.Tensor]) -> MoELayer:
     dyn_inter = sd[f"{DYN}.0.gate_proj.weight"].shape[0]
     fix_inter = sd["fixed_real_moe.0.gate_proj.weight"].shape[0] if Fx else dyn_inter
     inter = max(dyn_inter, fix_inter)
-    layer = MoELayer(hidden_size=hidden, num_experts=D + Fx, num_experts_per_tok=D + N + Fx,
+    layer = build_moe_layer(hidden_size=hidden, num_experts=D + Fx, num_experts_per_tok=D + N + Fx,
                      moe_intermediate_size=inter, hidden_act=config.get("hidden_act", "silu"), num_null_experts=N,
                      router_type="topp",
                      router_kwargs={"top_p": float(config["mlp_dynamic_top_p"]), "convention": "unimoe_audio",

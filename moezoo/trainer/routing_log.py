@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..core.layer import MoELayer
-from ..core.routers import RouterOutput
+from ..core.routing.output import RouterOutput
 from ..core.stats import RoutingStats, expert_load
 
 __all__ = ["RoutingLog"]

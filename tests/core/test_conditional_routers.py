@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moezoo.core import MoELayer, build_router
+from moezoo.core import build_moe_layer, build_router
 from moezoo.core.losses import (modality_balance_loss, mutual_information_loss, sequence_balance_loss,
                                 switch_balance_loss)
 from moezoo.core.modules import CameraRouter
-from moezoo.core.routers import (ConditionRouter, ModalityRouter, PooledRouter, RouterOutput, expand_per_sample,
+from moezoo.core.routing import (ConditionRouter, ModalityRouter, PooledRouter, RouterOutput, expand_per_sample,
                                  next_token_modality_ids)
 
 H = 12
@@ -26,7 +26,7 @@ H = 12
 def test_condition_router_per_sample_experts():
     torch.manual_seed(0)
     B, S, C, E, k = 4, 5, 6, 5, 2
-    layer = MoELayer(hidden_size=H, num_experts=E, num_experts_per_tok=k, moe_intermediate_size=8,
+    layer = build_moe_layer(hidden_size=H, num_experts=E, num_experts_per_tok=k, moe_intermediate_size=8,
                      router_type="condition", router_kwargs=dict(condition_dim=C))
     assert isinstance(layer.gate, ConditionRouter) and layer.gate.weight.shape == (E, C)
     x = torch.randn(B, S, H)
@@ -51,7 +51,7 @@ def test_condition_router_per_sample_experts():
 
 def test_condition_router_top1_raw_weight_and_grad():
     torch.manual_seed(1)
-    layer = MoELayer(hidden_size=H, num_experts=3, num_experts_per_tok=1, moe_intermediate_size=8,
+    layer = build_moe_layer(hidden_size=H, num_experts=3, num_experts_per_tok=1, moe_intermediate_size=8,
                      router_type="condition", router_kwargs=dict(condition_dim=4, norm_topk_prob=False))
     x = torch.randn(2, 3, H)
     cond = torch.tensor([[1.0, 0, 1, 0], [0, 1, 1, 1]])
@@ -117,7 +117,7 @@ def test_mutual_information_loss_formula():
 def test_pooled_router_per_sample_and_temperature():
     torch.manual_seed(4)
     B, S, E, k = 3, 6, 5, 2
-    layer = MoELayer(hidden_size=H, num_experts=E, num_experts_per_tok=k, moe_intermediate_size=8,
+    layer = build_moe_layer(hidden_size=H, num_experts=E, num_experts_per_tok=k, moe_intermediate_size=8,
                      hidden_act="gelu_tanh", router_type="pooled")
     r = layer.gate
     assert isinstance(r, PooledRouter)
@@ -217,7 +217,7 @@ def test_modality_router_pools_respected():
     torch.manual_seed(7)
     E, k = 6, 2
     pools = [[1, 2, 3, 4], [0, 1, 2], [5, 4]]
-    layer = MoELayer(hidden_size=H, num_experts=E, num_experts_per_tok=k, moe_intermediate_size=8,
+    layer = build_moe_layer(hidden_size=H, num_experts=E, num_experts_per_tok=k, moe_intermediate_size=8,
                      router_type="modality", router_kwargs=dict(expert_pools=pools))
     r = layer.gate
     assert isinstance(r, ModalityRouter) and r.weight.shape == (9, H)
@@ -288,7 +288,7 @@ def test_modality_router_errors():
 
 def test_modality_router_empty_modality_and_grad():
     torch.manual_seed(8)
-    layer = MoELayer(hidden_size=H, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
+    layer = build_moe_layer(hidden_size=H, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
                      router_type="modality", router_kwargs=dict(expert_pools=[[1, 2, 3], [0, 1, 2]]))
     x = torch.randn(2, 3, H, requires_grad=True)
     y, ro = layer(x, modality_ids=torch.zeros(2, 3, dtype=torch.long))

@@ -9,8 +9,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from moezoo.core import MoELayer, RoutingStats, build_router, switch_balance_loss
-from moezoo.core.routers import ROUTERS, ExpertChoiceRouter, TopKRouter, jitter
+from moezoo.core import build_moe_layer, RoutingStats, build_router, switch_balance_loss
+from moezoo.core.routing import ROUTERS, ExpertChoiceRouter, TopKRouter, jitter
 
 
 def _reference_expert_choice(probs: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -88,7 +88,7 @@ def test_expert_choice_validation():
 
 def test_expert_choice_in_moe_layer_trains_and_matches_eager():
     torch.manual_seed(0)
-    layer = MoELayer(hidden_size=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+    layer = build_moe_layer(hidden_size=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
                      router_type="expert_choice", router_kwargs=dict(capacity_factor=1.25, scoring_func="sigmoid"),
                      num_null_experts=1)
     assert isinstance(layer.gate, ExpertChoiceRouter) and layer.gate.top_k == 2 and layer.gate.num_experts == 5

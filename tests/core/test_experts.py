@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from moezoo.core import MoELayer, build_experts
+from moezoo.core import build_moe_layer, build_experts
 from moezoo.core.experts import moezoo_experts_forward, sort_by_expert
 
 
@@ -47,7 +47,7 @@ def test_sentinel_slots_cost_nothing_and_output_zero():
 
 def test_gradients_reach_router_through_weights():
     torch.manual_seed(0)
-    layer = MoELayer(hidden_size=16, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=8)
+    layer = build_moe_layer(hidden_size=16, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=8)
     x = torch.randn(2, 7, 16, requires_grad=True)
     y, ro = layer(x)
     y.backward(torch.ones_like(y))
@@ -81,7 +81,7 @@ def test_buffer_pool_never_hands_out_a_referenced_buffer():
 def _big_layer():
     torch.manual_seed(0)
     # big enough (>= 1 MiB temporaries) that the buffer pool is used
-    return MoELayer(hidden_size=64, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256)
+    return build_moe_layer(hidden_size=64, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256)
 
 
 def test_pool_is_safe_under_retain_graph_and_repeated_calls():

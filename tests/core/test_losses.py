@@ -12,10 +12,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moezoo.core import MoELayer, RouterOutput, TopKRouter
-from moezoo.core.losses import (CoefficientSchedule, null_expert_usage, router_z_loss, switch_balance_loss,
+from moezoo.core import MoELayer, build_moe_layer, RouterOutput, TopKRouter
+from moezoo.core.losses import (null_expert_usage, router_z_loss, switch_balance_loss,
                                 update_selection_bias)
-from moezoo.core.routers import finish
+from moezoo.core.routing import RouterOutput
 
 H, E, K = 8, 6, 2
 N_PER_RANK = 10
@@ -56,7 +56,7 @@ def test_switch_loss_matches_explicit_formula_with_sentinels():
     logits = torch.randn(9, 5, generator=g)
     probs = logits.softmax(-1)
     idx = torch.tensor([[0, 1], [2, 5], [5, 5], [4, 3], [1, 0], [2, 2], [3, 5], [0, 4], [1, 2]])  # 5 = sentinel
-    ro = finish(logits, probs, idx, torch.rand(9, 2, generator=g), 5)
+    ro = RouterOutput.from_selection(logits, probs, idx, torch.rand(9, 2, generator=g), 5)
     mask = torch.tensor([1, 1, 0, 1, 1, 1, 0, 1, 1])
     torch.testing.assert_close(switch_balance_loss(ro), _reference_loss(probs, idx, 5))
     torch.testing.assert_close(switch_balance_loss(ro, attention_mask=mask), _reference_loss(probs, idx, 5, mask))
@@ -68,14 +68,14 @@ def test_switch_loss_layers_of_different_width():
     """Layers with different slot widths (top-p, expert choice) can be mixed: = the mean of equal-sized layer terms."""
     g = torch.Generator().manual_seed(1)
     p1, p2 = torch.randn(6, 4, generator=g).softmax(-1), torch.randn(6, 4, generator=g).softmax(-1)
-    ro1 = finish(p1.log(), p1, torch.tensor([[0], [1], [2], [3], [0], [1]]), torch.ones(6, 1), 4)
-    ro2 = finish(p2.log(), p2, torch.tensor([[0, 1, 4]] * 6), torch.ones(6, 3), 4)
+    ro1 = RouterOutput.from_selection(p1.log(), p1, torch.tensor([[0], [1], [2], [3], [0], [1]]), torch.ones(6, 1), 4)
+    ro2 = RouterOutput.from_selection(p2.log(), p2, torch.tensor([[0, 1, 4]] * 6), torch.ones(6, 3), 4)
     both = switch_balance_loss([ro1, ro2])
     ref = _reference_loss(torch.cat([p1, p2]), torch.cat([torch.cat([ro1.indices, torch.full((6, 2), 4)], 1),
                                                           ro2.indices]), 4)
     torch.testing.assert_close(both, ref)
     with pytest.raises(ValueError, match="num_experts"):
-        switch_balance_loss([ro1, finish(p2.log(), p2[:, :3].contiguous(), ro1.indices.clamp(max=2), torch.ones(6, 1), 3)])
+        switch_balance_loss([ro1, RouterOutput.from_selection(p2.log(), p2[:, :3].contiguous(), ro1.indices.clamp(max=2), torch.ones(6, 1), 3)])
     with pytest.raises(ValueError, match="attention_mask"):
         switch_balance_loss(ro1, attention_mask=torch.ones(5))
 
@@ -85,7 +85,7 @@ def test_switch_loss_balanced_minimum_and_gradient():
     T = 12
     probs = torch.full((T, 4), 0.25, requires_grad=True)
     idx = torch.stack([torch.arange(T) % 4, (torch.arange(T) + 1) % 4], 1)
-    ro = finish(probs.log(), probs, idx, torch.ones(T, 2), 4)
+    ro = RouterOutput.from_selection(probs.log(), probs, idx, torch.ones(T, 2), 4)
     loss = switch_balance_loss(ro)
     torch.testing.assert_close(loss, torch.tensor(2.0))
     loss.backward()
@@ -102,7 +102,7 @@ def test_global_batch_without_process_group_is_micro_batch():
 
 def test_router_z_loss():
     logits = torch.tensor([[0.0, 0.0], [1.0, -1.0]])
-    ro = finish(logits, logits.softmax(-1), torch.tensor([[0], [0]]), torch.ones(2, 1), 2)
+    ro = RouterOutput.from_selection(logits, logits.softmax(-1), torch.tensor([[0], [0]]), torch.ones(2, 1), 2)
     ref = ((math.log(2.0)) ** 2 + math.log(math.e + math.exp(-1)) ** 2) / 2
     torch.testing.assert_close(router_z_loss(ro), torch.tensor(ref))
 
@@ -182,7 +182,7 @@ def test_update_selection_bias_sign_rule_and_inputs():
     bias = torch.zeros(6)
     update_selection_bias(bias, load, gamma=1.0)
     torch.testing.assert_close(bias, 2 * d)
-    layer = MoELayer(hidden_size=H, num_experts=E, num_experts_per_tok=K, moe_intermediate_size=4,
+    layer = build_moe_layer(hidden_size=H, num_experts=E, num_experts_per_tok=K, moe_intermediate_size=4,
                      router_kwargs=dict(scoring_func="sigmoid", use_selection_bias=True))
     update_selection_bias(layer, load, gamma=0.5)
     torch.testing.assert_close(layer.gate.e_score_correction_bias, d)
@@ -217,38 +217,13 @@ def test_update_selection_bias_balances_a_skewed_router():
     assert not router.e_score_correction_bias.requires_grad
 
 
-# ---------------------------------------------------------------------------------------------------- schedules
-
-
-def test_coefficient_schedules():
-    c = CoefficientSchedule(0.01)
-    assert c(0) == c(10 ** 6) == 0.01
-    w = CoefficientSchedule(0.02, "linear_warmup", warmup_steps=100)
-    assert w(0) == 0.0 and math.isclose(w(50), 0.01) and w(100) == 0.02 and w(5000) == 0.02
-    cos = CoefficientSchedule(1.0, "cosine", warmup_steps=10, decay_steps=100, final_value=0.1)
-    assert cos(0) == 0.0 and math.isclose(cos(5), 0.5)
-    assert math.isclose(cos(10), 1.0) and math.isclose(cos(60), 0.55) and math.isclose(cos(110), 0.1)
-    assert math.isclose(cos(10 ** 5), 0.1)
-    vals = [cos(s) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(vals, vals[1:]))  # monotone decay
-    assert "cosine" in repr(cos)
-    for kwargs, match in ((dict(value=1.0, kind="step"), "kind"),
-                          (dict(value=1.0, kind="linear_warmup"), "warmup_steps > 0"),
-                          (dict(value=1.0, kind="cosine"), "decay_steps"),
-                          (dict(value=1.0, warmup_steps=-1), "warmup_steps")):
-        with pytest.raises(ValueError, match=match):
-            CoefficientSchedule(**kwargs)
-    with pytest.raises(ValueError, match="step"):
-        c(-1)
-
-
 # ---------------------------------------------------------------------------------------------------- null usage
 
 
 def test_null_expert_usage():
-    layer = MoELayer(hidden_size=H, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=4, num_null_experts=2)
+    layer = build_moe_layer(hidden_size=H, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=4, num_null_experts=2)
     idx = torch.tensor([[0, 4], [5, 4], [1, 2], [3, 6]])  # ids 4, 5 are null; 6 the sentinel
-    ro = finish(torch.zeros(4, 6), torch.full((4, 6), 1 / 6), idx, torch.ones(4, 2), 6)
+    ro = RouterOutput.from_selection(torch.zeros(4, 6), torch.full((4, 6), 1 / 6), idx, torch.ones(4, 2), 6)
     # 7 non-sentinel slots, 3 of them null
     torch.testing.assert_close(null_expert_usage(ro, layer.zero_flop.null_ids()), torch.tensor(3 / 7))
     torch.testing.assert_close(null_expert_usage([ro, ro], [4, 5], attention_mask=torch.tensor([1, 0, 1, 1])),

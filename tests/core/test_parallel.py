@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 
-from moezoo.core import MoELayer
+from moezoo.core import MoELayer, build_moe_layer
 from moezoo.core.parallel import (EP_DISPATCH_STYLE, EP_PARAM_STYLE, base_model_ep_plan, distribute_experts, ep_plan,
                                   expert_parameter_names, set_ep_plan)
 from moezoo.core.upcycle import upcycle_model
@@ -105,17 +105,17 @@ def test_plan_lists_expert_biases_and_only_converted_layers():
 
 
 def test_plan_of_a_bare_layer_and_errors():
-    layer = MoELayer(hidden_size=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, expert_bias=True)
+    layer = build_moe_layer(hidden_size=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, expert_bias=True)
     assert ep_plan(layer) == {"experts.gate_up_proj": EP_PARAM_STYLE, "experts.down_proj": EP_PARAM_STYLE,
                               "experts.gate_up_proj_bias": EP_PARAM_STYLE, "experts.down_proj_bias": EP_PARAM_STYLE,
                               "experts": EP_DISPATCH_STYLE}
     assert ep_plan(layer, prefix="model.mlp")["model.mlp.experts"] == EP_DISPATCH_STYLE
     blocks = torch.nn.Module()
-    blocks.layers = torch.nn.ModuleList([MoELayer(hidden_size=8, num_experts=4, moe_intermediate_size=16) for _ in range(2)])
+    blocks.layers = torch.nn.ModuleList([build_moe_layer(hidden_size=8, num_experts=4, moe_intermediate_size=16) for _ in range(2)])
     assert set(ep_plan(blocks)) == {"layers.*.experts.gate_up_proj", "layers.*.experts.down_proj", "layers.*.experts"}
     assert set(ep_plan(blocks, wildcard=False)) >= {"layers.0.experts", "layers.1.experts.down_proj"}
     assert expert_parameter_names(layer.experts) == ["gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"]
-    plain = MoELayer(hidden_size=8, num_experts=4, moe_intermediate_size=16, gated_experts=False)
+    plain = build_moe_layer(hidden_size=8, num_experts=4, moe_intermediate_size=16, gated_experts=False)
     assert ep_plan(plain) == {"experts.up_proj": EP_PARAM_STYLE, "experts.down_proj": EP_PARAM_STYLE,
                               "experts": EP_DISPATCH_STYLE}
     with pytest.raises(ValueError, match="no MoELayer"):

@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import moezoo.core.experts as experts_mod
-from moezoo.core import MoELayer
+from moezoo.core import MoELayer, build_moe_layer
 from moezoo.core.dispatch import apply_capacity, expert_capacity
 from moezoo.core.experts import build_experts, sort_by_expert
-from moezoo.core.routers import ROUTERS, ExpertChoiceRouter, RouterOutput, TopKRouter, finish
+from moezoo.core.routing import ROUTERS, ExpertChoiceRouter, RouterOutput, TopKRouter
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -170,7 +170,7 @@ def test_apply_capacity_never_exceeds_capacity(case, cf, policy):
     E, idx, w, _ = case
     R = E  # ids >= E are sentinels here
     T, K = idx.shape
-    ro = finish(torch.zeros(T, R), torch.full((T, R), 1.0 / R), idx, w, R)
+    ro = RouterOutput.from_selection(torch.zeros(T, R), torch.full((T, R), 1.0 / R), idx, w, R)
     out = apply_capacity(ro, R, cf, policy=policy)
     cap = expert_capacity(T, R, K, cf)
     assert out.extras["capacity"] == cap
@@ -219,7 +219,7 @@ def test_moe_layer_is_token_permutation_equivariant(seed, T, variant):
         kw.update(router_type="expert_choice", router_kwargs=dict(capacity_factor=1.5))
     elif variant == "copy":
         kw.update(num_copy_experts=1, num_constant_experts=1, num_zero_experts=1)
-    layer = MoELayer(**kw)
+    layer = build_moe_layer(**kw)
     x = torch.randn(T, 8, generator=_gen(seed))
     perm = torch.randperm(T, generator=_gen(seed + 1))
     with torch.no_grad():
@@ -239,7 +239,7 @@ class _FixedRouter(nn.Module):
     def forward(self, x, **_):
         T = x.shape[0]
         probs = torch.full((T, self.num_experts), 1.0 / self.num_experts)
-        return finish(probs.log(), probs, self.indices, self.weights, self.num_experts)
+        return RouterOutput.from_selection(probs.log(), probs, self.indices, self.weights, self.num_experts)
 
 
 @SETTINGS
@@ -254,7 +254,7 @@ def test_null_routed_tokens_cost_no_expert_flops(seed, T, k, n_null, impl):
     idx[only_null] = torch.randint(E, R + 1, (int(only_null.sum()), k), generator=g)  # null experts / sentinel only
     w = torch.rand(T, k, generator=g)
     torch.manual_seed(seed)
-    layer = MoELayer(hidden_size=8, num_experts=E, num_experts_per_tok=k, moe_intermediate_size=6,
+    layer = build_moe_layer(hidden_size=8, num_experts=E, num_experts_per_tok=k, moe_intermediate_size=6,
                      num_null_experts=n_null, router=_FixedRouter(idx, w, R))
     layer.experts.config._experts_implementation = impl
     x = torch.randn(T, 8, generator=g)

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moezoo.core import MoELayer, PrototypeRouter, RouterOutput, routing_contrastive_loss, switch_balance_loss
-from moezoo.core.routers import ROUTERS
+from moezoo.core import build_moe_layer, PrototypeRouter, RouterOutput, routing_contrastive_loss, switch_balance_loss
+from moezoo.core.routing import ROUTERS
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
 
@@ -54,7 +54,7 @@ def test_prototype_bad_arguments():
 
 
 def test_prototype_param_path_in_layer():
-    layer = MoELayer(hidden_size=8, num_experts=4, num_experts_per_tok=1, moe_intermediate_size=8,
+    layer = build_moe_layer(hidden_size=8, num_experts=4, num_experts_per_tok=1, moe_intermediate_size=8,
                      router_type="prototype")
     assert "gate.weight" in dict(layer.named_parameters()) and isinstance(layer.gate, PrototypeRouter)
 
@@ -68,7 +68,7 @@ BASE_ROUTERS = {
 
 def _uncond_layer(router_type, E=4, k=2, **kw):
     torch.manual_seed(0)
-    return MoELayer(hidden_size=8, num_experts=E, num_experts_per_tok=k, moe_intermediate_size=16,
+    return build_moe_layer(hidden_size=8, num_experts=E, num_experts_per_tok=k, moe_intermediate_size=16,
                     router_type=router_type, router_kwargs=dict(BASE_ROUTERS.get(router_type, {})),
                     unconditional_expert=True, **kw)
 
@@ -103,7 +103,7 @@ def test_unconditional_expert_matches_base_router_on_conditional_tokens():
     null = torch.tensor([False, True, False])
     out, ro = layer(x, uncond_mask=null)
     cond_x = x[~null].reshape(-1, 8)
-    base = layer.gate(cond_x)
+    base = layer.gate.route_tokens(cond_x)
     rows = (~null).repeat_interleave(4)
     assert torch.equal(ro.indices[rows], base.indices)
     torch.testing.assert_close(ro.weights[rows], base.weights)
@@ -147,7 +147,7 @@ def test_property_null_tokens_always_go_to_uncond_expert(B, S, E, data):
     k = data.draw(st.integers(1, E))
     router = data.draw(st.sampled_from(["topk", "prototype"]))
     null = torch.tensor(data.draw(st.lists(st.booleans(), min_size=B, max_size=B)))
-    layer = MoELayer(hidden_size=4, num_experts=E, num_experts_per_tok=k, moe_intermediate_size=4,
+    layer = build_moe_layer(hidden_size=4, num_experts=E, num_experts_per_tok=k, moe_intermediate_size=4,
                      router_type=router, unconditional_expert=True)
     x = torch.randn(B, S, 4)
     out, ro = layer(x, uncond_mask=null)

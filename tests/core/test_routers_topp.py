@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from moezoo.core import MoELayer
+from moezoo.core import build_moe_layer
 from moezoo.core.losses import switch_balance_loss, unimoe_audio_balance_loss
-from moezoo.core.routers import (GatingResidualRouter, NullExpertTopKRouter, TopPRouter, build_router,
+from moezoo.core.routing import (GatingResidualRouter, NullExpertTopKRouter, TopPRouter, build_router,
                                  sparsemixer_eval_multipliers)
 
 
@@ -141,7 +141,7 @@ def test_sparsemixer_multipliers():
 
 
 def test_layer_with_topp_router_backward():
-    layer = MoELayer(hidden_size=8, num_experts=4, moe_intermediate_size=16, router_type="topp",
+    layer = build_moe_layer(hidden_size=8, num_experts=4, moe_intermediate_size=16, router_type="topp",
                      router_kwargs={"top_p": 0.6}, num_null_experts=1)
     x = torch.randn(2, 5, 8, requires_grad=True)
     out, ro = layer(x)

@@ -9,9 +9,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from moezoo.core import MoELayer, RoutingStats, expert_load, routing_entropy
+from moezoo.core import build_moe_layer, RoutingStats, expert_load, routing_entropy
 from moezoo.core.dispatch import apply_capacity
-from moezoo.core.routers import finish
+from moezoo.core.routing import RouterOutput
 from moezoo.core.stats import expert_counts
 
 
@@ -19,7 +19,7 @@ def _ro(idx, R, probs=None, **extras):
     idx = torch.as_tensor(idx)
     T = idx.shape[0]
     probs = torch.full((T, R), 1.0 / R) if probs is None else probs
-    return finish(probs.log(), probs, idx, torch.ones(idx.shape, dtype=torch.float32), R, **extras)
+    return RouterOutput.from_selection(probs.log(), probs, idx, torch.ones(idx.shape, dtype=torch.float32), R, **extras)
 
 
 def test_expert_load_counts_slots_and_skips_sentinels():
@@ -81,7 +81,7 @@ def test_routing_stats_accumulates_over_steps():
 
 def test_routing_stats_from_a_layer_with_capacity_and_mask(tmp_path):
     torch.manual_seed(0)
-    layer = MoELayer(hidden_size=8, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=8,
+    layer = build_moe_layer(hidden_size=8, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=8,
                      capacity_factor=0.5)
     stats = RoutingStats()
     mask = torch.ones(2, 16)

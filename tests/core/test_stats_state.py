@@ -6,13 +6,13 @@ import io
 import torch
 
 from moezoo.core import RoutingStats
-from moezoo.core.routers import finish
+from moezoo.core.routing import RouterOutput
 
 
 def _ro(idx, R, seed):
     idx = torch.as_tensor(idx)
     probs = torch.softmax(torch.randn(idx.shape[0], R, generator=torch.Generator().manual_seed(seed)), -1)
-    return finish(probs.log(), probs, idx, torch.ones(idx.shape), R, drop_rate=torch.tensor(0.25))
+    return RouterOutput.from_selection(probs.log(), probs, idx, torch.ones(idx.shape), R, drop_rate=torch.tensor(0.25))
 
 
 def test_routing_stats_state_round_trip_is_exact_and_detached():

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moezoo.core import MoELayer
+from moezoo.core import MoELayer, build_moe_layer
 from moezoo.core.losses import switch_balance_loss
 
 from transformers import DeepseekV3Config, MixtralConfig, OlmoeConfig, Qwen2MoeConfig
@@ -96,7 +96,7 @@ def _build(name: str, seed: int = 0, **sizes):
     cfg, block, kw, rename, scoring, lb = MODELS[name](**sizes)
     _randomise(block, seed)
     block.eval()
-    layer = MoELayer(**kw).eval()
+    layer = build_moe_layer(**kw).eval()
     src = dict(block.named_parameters()) | dict(block.named_buffers())
     dst = dict(layer.named_parameters()) | dict(layer.named_buffers())
     mapped = set()

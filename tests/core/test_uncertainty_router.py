@@ -8,7 +8,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from moezoo.core import FMEMoELayer, ROUTERS, TopKRouter, UncertaintyRouter, build_router, probit_calibrate
+from moezoo.core import FMEMoELayer, ROUTERS, TopKRouter, UncertaintyRouter, build_router
+from moezoo.core.routing.uncertainty import probit_calibrate
 
 
 def entropy(p: torch.Tensor) -> torch.Tensor:

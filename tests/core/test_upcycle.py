@@ -135,7 +135,7 @@ def test_plain_fc1_fc2_mlp_becomes_non_gated_experts():
     fc1 = dense.fc1.weight.detach().clone()
     upcycle_model(model, 4, 2)
     ex = model.model.layers[0].mlp.experts
-    assert not ex.gated and ex.hidden_act == "gelu_tanh"  # HF's gelu_new is the tanh approximation
+    assert not ex.gated and ex.hidden_act == "gelu_new"  # the dense model's own activation (transformers ACT2FN)
     assert torch.equal(ex.up_proj[3], fc1) and ex.up_proj_bias.shape == (4, 48)
     assert (_logits(model, ids) - ref).abs().max() < ATOL
     with pytest.raises(ValueError, match="gated"):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from moezoo.core import MoELayer, ZeroFlopExperts
+from moezoo.core import build_moe_layer, ZeroFlopExperts
 
 
 def test_id_layout():
@@ -39,7 +39,7 @@ def test_constant_and_copy_formula():
 def test_moepp_layer_doubles_expert_input_only():
     torch.manual_seed(1)
     H = 8
-    layer = MoELayer(hidden_size=H, num_experts=2, num_experts_per_tok=2, moe_intermediate_size=12,
+    layer = build_moe_layer(hidden_size=H, num_experts=2, num_experts_per_tok=2, moe_intermediate_size=12,
                      num_zero_experts=1, num_copy_experts=1, num_constant_experts=2, expert_input_scale=2.0,
                      router_type="moepp", router_kwargs={"gate_hidden_size": 16, "zeroed_expert_ids": [2]})
     with torch.no_grad():
@@ -71,7 +71,7 @@ def test_moepp_layer_doubles_expert_input_only():
 
 def test_zero_flop_gradients():
     torch.manual_seed(2)
-    layer = MoELayer(hidden_size=8, num_experts=2, moe_intermediate_size=12, num_constant_experts=1,
+    layer = build_moe_layer(hidden_size=8, num_experts=2, moe_intermediate_size=12, num_constant_experts=1,
                      num_copy_experts=1, router_kwargs={"norm_topk_prob": True})
     x = torch.randn(20, 8, requires_grad=True)
     out, _ = layer(x)

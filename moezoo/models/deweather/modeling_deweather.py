@@ -16,8 +16,8 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from ...core.fme import FMEExperts, FMEMoELayer
-from ...core.layer import MoELayer
-from ...core.routers import RouterOutput
+from ...core.layer import MoELayer, build_moe_layer
+from ...core import RouterOutput
 from ...modeling_utils import MoezooPreTrainedModel
 from .configuration_deweather import MoezooDeweatherConfig
 
@@ -117,13 +117,19 @@ class DeweatherTransformerBlock(nn.Module):
                  num_experts_per_tok: int, intermediate_size: int, expert_type: str = "fme",
                  fme_intermediate_size: int | None = None, fme_implementation: str = "sparse",
                  official_expert_offset: bool = False, router_type: str = "topk", router_kwargs: dict | None = None,
-                 hidden_act: str = "gelu", dropout: float = 0.0, layer_norm_eps: float = 1e-5, experts_config=None):
+                 hidden_act: str = "gelu", dropout: float = 0.0, layer_norm_eps: float = 1e-5,
+                 moe_layer: dict | None = None, experts_config=None):
         super().__init__()
         self.init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "experts_config", "__class__")}
         self.expert_type = expert_type
         self.attn_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
         self.attn = DeweatherAttention(hidden_size, num_heads, head_dim, dropout)
+        moe_layer = dict(moe_layer or {})
         if expert_type == "fme":
+            unsupported = sorted(k for k, v in moe_layer.items() if v not in (None, 0, False, "probs"))
+            if unsupported:
+                raise ValueError(f"expert_type='fme' (MoFME) does not support {unsupported}; use expert_type='ffn' "
+                                 "for shared experts or capacity mode")
             self.mlp_norm = None
             self.mlp = FMEMoELayer(hidden_size=hidden_size, num_experts=num_experts,
                                    num_experts_per_tok=num_experts_per_tok, fme_intermediate_size=fme_intermediate_size,
@@ -133,10 +139,11 @@ class DeweatherTransformerBlock(nn.Module):
                                    implementation=fme_implementation)
         elif expert_type == "ffn":
             self.mlp_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
-            self.mlp = MoELayer(hidden_size=hidden_size, num_experts=num_experts, num_experts_per_tok=num_experts_per_tok,
-                                moe_intermediate_size=intermediate_size, hidden_act=hidden_act, expert_bias=True,
-                                gated_experts=False, router_type=router_type, router_kwargs=router_kwargs,
-                                experts_config=experts_config)
+            self.mlp = build_moe_layer(hidden_size=hidden_size, num_experts=num_experts,
+                                       num_experts_per_tok=num_experts_per_tok, moe_intermediate_size=intermediate_size,
+                                       hidden_act=hidden_act, expert_bias=True, gated_experts=False,
+                                       router_type=router_type, router_kwargs=router_kwargs,
+                                       experts_config=experts_config, **moe_layer)
         else:
             raise ValueError(f"expert_type must be 'fme' or 'ffn', got {expert_type!r}")
 
@@ -154,7 +161,13 @@ def block_kwargs(config: MoezooDeweatherConfig) -> dict:
                 fme_intermediate_size=config.fme_intermediate_size, fme_implementation=config.fme_implementation,
                 official_expert_offset=config.official_expert_offset, router_type=config.router_type,
                 router_kwargs=config.router_layer_kwargs(), hidden_act=config.hidden_act, dropout=config.dropout,
-                layer_norm_eps=config.layer_norm_eps)
+                layer_norm_eps=config.layer_norm_eps,
+                moe_layer={name: getattr(config, name) for name in BLOCK_MOE_LAYER_FIELDS})
+
+
+# MoELayerConfig fields of the block's MoE layer taken from the config as they are (the others are block arguments)
+BLOCK_MOE_LAYER_FIELDS = ("num_shared_experts", "shared_intermediate_size", "shared_expert_gate", "capacity_factor",
+                          "drop_policy")
 
 
 class MoezooDeweatherPreTrainedModel(MoezooPreTrainedModel):

@@ -94,20 +94,40 @@ def dit_moe_g2_e16k2(config):
     return MoezooDiTMoeModel(config)
 
 
-def _register_patch_variant(size: str, patch: int, experts: int = 8, top_k: int = 2) -> None:
-    name = f"dit_moe_{size}{patch}_e{experts}k{top_k}"
-
-    def build(config):
-        return MoezooDiTMoeModel(config)
-
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = f"DiT-MoE-{size.upper()}/{patch}-{experts}E{top_k}A (latent 32x32x4, patch {patch})."
-    register_model(name, family="dit_moe", config=_dit_moe(size, patch, experts, top_k), tiny=_TINY_DIT)(build)
+@register_model(family="dit_moe", config=_dit_moe("s", 8, 8), tiny=_TINY_DIT)
+def dit_moe_s8_e8k2(config):
+    """DiT-MoE-S/8-8E2A (latent 32x32x4, patch 8: 16x fewer tokens than patch 2)."""
+    return MoezooDiTMoeModel(config)
 
 
-# the remaining DiT size x patch grid (patch 4 and 8 trade sample quality for 4x / 16x fewer tokens)
-for _size, _patch in (("s", 8), ("b", 8), ("l", 4), ("l", 8), ("xl", 4), ("xl", 8)):
-    _register_patch_variant(_size, _patch)
+@register_model(family="dit_moe", config=_dit_moe("b", 8, 8), tiny=_TINY_DIT)
+def dit_moe_b8_e8k2(config):
+    """DiT-MoE-B/8-8E2A (latent 32x32x4, patch 8: 16x fewer tokens than patch 2)."""
+    return MoezooDiTMoeModel(config)
+
+
+@register_model(family="dit_moe", config=_dit_moe("l", 4, 8), tiny=_TINY_DIT)
+def dit_moe_l4_e8k2(config):
+    """DiT-MoE-L/4-8E2A (latent 32x32x4, patch 4: 4x fewer tokens than patch 2)."""
+    return MoezooDiTMoeModel(config)
+
+
+@register_model(family="dit_moe", config=_dit_moe("l", 8, 8), tiny=_TINY_DIT)
+def dit_moe_l8_e8k2(config):
+    """DiT-MoE-L/8-8E2A (latent 32x32x4, patch 8: 16x fewer tokens than patch 2)."""
+    return MoezooDiTMoeModel(config)
+
+
+@register_model(family="dit_moe", config=_dit_moe("xl", 4, 8), tiny=_TINY_DIT)
+def dit_moe_xl4_e8k2(config):
+    """DiT-MoE-XL/4-8E2A (latent 32x32x4, patch 4: 4x fewer tokens than patch 2)."""
+    return MoezooDiTMoeModel(config)
+
+
+@register_model(family="dit_moe", config=_dit_moe("xl", 8, 8), tiny=_TINY_DIT)
+def dit_moe_xl8_e8k2(config):
+    """DiT-MoE-XL/8-8E2A (latent 32x32x4, patch 8: 16x fewer tokens than patch 2)."""
+    return MoezooDiTMoeModel(config)
 
 
 @register_model(family="dit_moe", config=_promoe("s"), tiny=_TINY_PRO)

@@ -39,7 +39,7 @@ def strip_wrappers(state_dict: dict) -> dict:
 
 def load_official(src: str | Path, *, allow_pickle: bool = False, config=None) -> tuple[dict, dict]:
     """(official config dict, official state_dict) from a folder or a weights file (see the module docstring)."""
-    from ...modeling_utils import PICKLE_SUFFIXES, PickleCheckpointError, pickle_refusal_message
+    from ...safety import PICKLE_SUFFIXES, PickleCheckpointError, pickle_refusal_message
 
     src = Path(src)
     if not src.exists():

@@ -20,9 +20,9 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from ...core.experts import ZeroFlopExperts, _ExpertsBase
-from ...core.layer import MoELayer
-from ...core.losses import router_z_loss, routing_contrastive_loss, switch_balance_loss
-from ...core.routers import ROUTERS, PrototypeRouter, RouterOutput, router_parameters
+from ...core import build_moe_layer
+from ...core.losses import routing_contrastive_loss
+from ...core.routing import PrototypeRouter, Router, RouterOutput, router_parameters
 from ...modeling_utils import MoezooPreTrainedModel
 from .configuration_dit_moe import MoezooDiTMoeConfig
 
@@ -55,6 +55,20 @@ class MoezooDiTMoeOutput(ModelOutput):
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation of (B, T, H) tokens by per-sample (B, H) shift and scale."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def classifier_free_guidance(pred: torch.Tensor, guidance_scale: float, cfg_channels: int | None,
+                             in_channels: int) -> tuple[torch.Tensor, int]:
+    """The one classifier-free guidance of DiT-MoE: a ``[cond; uncond]`` prediction batch (2N, C_out, H, W) ->
+    (``uncond + s (cond - uncond)`` of the first ``n`` channels (N, n, H, W), ``n``); ``cfg_channels`` None = all
+    ``in_channels`` (the whole eps / velocity; the official code guides 3)."""
+    if pred.shape[0] % 2:
+        raise ValueError(f"a classifier-free-guidance batch must have an even size ([cond; uncond]), got {pred.shape[0]}")
+    n = in_channels if cfg_channels is None else int(cfg_channels)
+    if not 0 < n <= pred.shape[1]:
+        raise ValueError(f"cfg_channels must be in 1..{pred.shape[1]} or None, got {cfg_channels!r}")
+    cond, uncond = pred[:, :n].chunk(2, dim=0)
+    return uncond + guidance_scale * (cond - uncond), n
 
 
 def sincos_pos_embed(hidden_size: int, grid_size: int) -> torch.Tensor:
@@ -103,7 +117,7 @@ class MoezooDiTMoeBlock(GradientCheckpointingLayer):
         self.norm2 = nn.LayerNorm(H, elementwise_affine=False, eps=1e-6)
         self.is_moe = config.is_moe_layer(layer_idx)
         if self.is_moe:
-            self.mlp = MoELayer(**moe_layer_kwargs(config))
+            self.mlp = build_moe_layer(config)
         else:
             self.mlp = Mlp(in_features=H, hidden_features=int(H * config.mlp_ratio),
                            act_layer=lambda: nn.GELU(approximate="tanh"), drop=0)
@@ -132,19 +146,6 @@ class MoezooDiTMoeFinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
-
-
-def moe_layer_kwargs(config: MoezooDiTMoeConfig) -> dict:
-    """:class:`MoELayer` keyword arguments of one MoE block of ``config``."""
-    router_kwargs = dict(config.router_kwargs or {})
-    params = router_parameters(config.router_type)
-    if "norm_topk_prob" in params:
-        router_kwargs.setdefault("norm_topk_prob", config.norm_topk_prob)
-    if config.router_type == "condition":  # route on the conditioning vector c = t_emb + y_emb
-        router_kwargs.setdefault("condition_dim", config.hidden_size)
-    return config.moe_layer_kwargs(router_kwargs=router_kwargs, expert_bias=config.expert_bias,
-                                   gated_experts=config.gated_experts, shared_gated=config.shared_gated,
-                                   unconditional_expert=config.unconditional_expert)
 
 
 class MoezooDiTMoePreTrainedModel(MoezooPreTrainedModel):
@@ -188,7 +189,7 @@ class MoezooDiTMoePreTrainedModel(MoezooPreTrainedModel):
                 init.zeros_(module.down_proj_bias)
         elif isinstance(module, PrototypeRouter):
             init.normal_(module.weight, mean=0.0, std=cfg.initializer_range)
-        elif isinstance(module, tuple(ROUTERS.values())):
+        elif isinstance(module, Router):
             for name, p in module.named_parameters(recurse=False):
                 if p.dim() == 2:
                     init.kaiming_uniform_(p, a=math.sqrt(5))
@@ -339,7 +340,7 @@ class MoezooDiTMoeModel(MoezooDiTMoePreTrainedModel):
 
         aux_loss = rcl = loss = None
         if (self.training or target is not None) and router_outputs:
-            aux_loss = self.balance_loss(router_outputs)
+            aux_loss = self.compute_aux_loss(router_outputs)
             if cfg.routing_contrastive_coef:
                 rcl = cfg.routing_contrastive_coef * self.routing_contrastive_loss(moe_inputs, router_outputs)
         if target is not None:
@@ -362,35 +363,24 @@ class MoezooDiTMoeModel(MoezooDiTMoePreTrainedModel):
         """The router's own decision (without the unconditional expert) of a layer's output."""
         return ro.extras.get("routed_output", ro)
 
-    def balance_loss(self, router_outputs) -> torch.Tensor:
-        """``router_aux_loss_coef * sum_layers switch_balance_loss`` (+ z-loss, + routers' own aux losses), over the
+    def aux_loss_options(self) -> dict:
+        """DiT-MoE / ProMoE: the balance loss summed over layers with the config's ``balance_loss_normalize``, over the
         routed tokens and experts only (tokens sent to the unconditional expert are left out, as in ProMoE)."""
-        cfg = self.config
-        device = router_outputs[0].logits.device
-        total = torch.zeros((), device=device, dtype=torch.float32)
-        for ro in router_outputs:
-            base = self.routed_output(ro)
-            if cfg.router_aux_loss_coef and base.indices.shape[0]:
-                total = total + cfg.router_aux_loss_coef * switch_balance_loss(
-                    base, normalize=cfg.balance_loss_normalize)
-            if cfg.router_z_loss_coef and base.logits.shape[0]:
-                total = total + cfg.router_z_loss_coef * router_z_loss(base) / len(router_outputs)
-            if ro.aux_loss is not None:
-                total = total + ro.aux_loss.float()
-        return total
+        return dict(per_layer_balance=True, normalize=self.config.balance_loss_normalize, select=self.routed_output)
 
     def routing_contrastive_loss(self, moe_inputs, router_outputs) -> torch.Tensor:
         """Sum over MoE layers of ProMoE's routing contrastive loss (unweighted; prototypes = the router's weight)."""
         cfg = self.config
         total = None
         for (block, h), ro in zip(moe_inputs, router_outputs):
-            protos = getattr(block.mlp.gate, "weight", None)
+            base = self.routed_output(ro)
+            # the prototypes the router used in this forward (a peft adapter on gate.weight applies only inside it)
+            protos = base.extras.get("prototypes", getattr(block.mlp.gate, "weight", None))
             E = block.mlp.num_experts
             if not torch.is_tensor(protos) or protos.dim() != 2 or protos.shape[-1] != cfg.hidden_size:
                 raise ValueError(f"routing_contrastive_coef > 0 needs a router with (experts, hidden) weights "
                                  f"(prototypes); router_type={cfg.router_type!r} has none")
             x = h.reshape(-1, h.shape[-1])
-            base = self.routed_output(ro)
             if "routed_token_index" in ro.extras:
                 x = x.index_select(0, ro.extras["routed_token_index"])
             loss = routing_contrastive_loss(protos[:E], x, base.indices, temperature=cfg.routing_contrastive_tau,
@@ -414,16 +404,10 @@ class MoezooDiTMoeModel(MoezooDiTMoePreTrainedModel):
         if n % 2:
             raise ValueError(f"forward_with_cfg needs an even batch ([cond; uncond] halves), got {n}")
         cc = cfg_channels if cfg_channels is not None else self.config.cfg_channels
-        cc = self.config.in_channels if cc is None else int(cc)
-        if not 1 <= cc <= self.config.out_channels:
-            raise ValueError(f"cfg_channels must be in [1, out_channels={self.config.out_channels}], got {cc}")
         half = sample[: n // 2]
         out = self.forward(torch.cat([half, half], dim=0), timestep, class_labels, return_dict=True, **kwargs)
-        model_out = out.sample
-        eps, rest = model_out[:, :cc], model_out[:, cc:]
-        cond, uncond = torch.split(eps, n // 2, dim=0)
-        guided = uncond + guidance_scale * (cond - uncond)
-        result = torch.cat([torch.cat([guided, guided], dim=0), rest], dim=1)
+        guided, cc = classifier_free_guidance(out.sample, guidance_scale, cc, self.config.in_channels)
+        result = torch.cat([torch.cat([guided, guided], dim=0), out.sample[:, cc:]], dim=1)
         if not return_dict:
             return result
         out.sample = result
@@ -447,5 +431,5 @@ class MoezooDiTMoeModel(MoezooDiTMoePreTrainedModel):
         return inputs
 
 
-__all__ = ["MoezooDiTMoeModel", "MoezooDiTMoePreTrainedModel", "MoezooDiTMoeOutput", "MoezooDiTMoeBlock",
-           "moe_layer_kwargs", "sincos_pos_embed", "modulate"]
+__all__ = ["classifier_free_guidance", "MoezooDiTMoeModel", "MoezooDiTMoePreTrainedModel", "MoezooDiTMoeOutput", "MoezooDiTMoeBlock",
+           "sincos_pos_embed", "modulate"]

@@ -23,7 +23,7 @@ guides the first ``cfg_channels`` prediction channels (``None`` = all ``in_chann
 behaviour on 4-channel latents). Variance channels are never guided.
 
 ``save_pretrained`` writes ``model_index.json`` + one folder per component; the transformer folder is a normal moezoo
-model folder. :func:`register_with_diffusers` (called on import) lets diffusers' loader resolve moezoo classes
+model folder. :func:`register_with_diffusers` (called when a pipeline is built or loaded) lets diffusers' loader resolve moezoo classes
 offline: it records the transformer under its module path and adds that module to diffusers' loadable libraries with
 ``from_pretrained`` as the load method.
 """
@@ -34,6 +34,8 @@ import inspect
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
+
+from .modeling_dit_moe import classifier_free_guidance
 
 __all__ = ["DiTMoEPipeline", "register_with_diffusers", "apply_cfg"]
 
@@ -71,20 +73,11 @@ def register_with_diffusers(model_class: type) -> None:
 
 
 def apply_cfg(pred: torch.Tensor, guidance_scale: float, cfg_channels: int | None, in_channels: int) -> torch.Tensor:
-    """Guide a ``[cond; uncond]`` prediction batch (2B, C_out, H, W) -> (B, C_out, H, W).
-
-    The first ``cfg_channels`` channels (``None`` = ``in_channels``, i.e. the whole eps / velocity) become
-    ``uncond + s (cond - uncond)``; the remaining channels (unguided eps channels, learned variance) keep the
-    conditional half's values (the official ``forward_with_cfg`` keeps each half's own; only the cond half is used).
-    """
-    if pred.shape[0] % 2:
-        raise ValueError(f"a classifier-free-guidance batch must have an even size ([cond; uncond]), got {pred.shape[0]}")
-    n = in_channels if cfg_channels is None else int(cfg_channels)
-    if not 0 < n <= pred.shape[1]:
-        raise ValueError(f"cfg_channels must be in 1..{pred.shape[1]} or None, got {cfg_channels!r}")
-    cond, uncond = pred.chunk(2, dim=0)
-    guided = uncond[:, :n] + guidance_scale * (cond[:, :n] - uncond[:, :n])
-    return torch.cat([guided, cond[:, n:]], dim=1)
+    """Guide a ``[cond; uncond]`` prediction batch (2B, C_out, H, W) -> (B, C_out, H, W) with
+    :func:`classifier_free_guidance`; the remaining channels (unguided eps channels, learned variance) keep the
+    conditional half's values (the official ``forward_with_cfg`` keeps each half's own; only the cond half is used)."""
+    guided, n = classifier_free_guidance(pred, guidance_scale, cfg_channels, in_channels)
+    return torch.cat([guided, pred[: pred.shape[0] // 2, n:]], dim=1)
 
 
 def _accepts(fn, name: str) -> bool:
@@ -111,6 +104,15 @@ class DiTMoEPipeline(DiffusionPipeline):
         super().__init__()
         register_with_diffusers(type(transformer))
         self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' loader, after registering the moezoo transformer class with it (nothing is registered at import
+        time)."""
+        from .modeling_dit_moe import MoezooDiTMoeModel
+
+        register_with_diffusers(MoezooDiTMoeModel)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     # ---------------------------------------------------------------------------------------------- helpers
     @property
@@ -223,11 +225,3 @@ class DiTMoEPipeline(DiffusionPipeline):
             return (images,)
         return ImagePipelineOutput(images=images)
 
-
-def _register_family_models() -> None:
-    from .modeling_dit_moe import MoezooDiTMoeModel
-
-    register_with_diffusers(MoezooDiTMoeModel)
-
-
-_register_family_models()

@@ -20,9 +20,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
 from ...core.experts import SharedExpert
-from ...core.layer import MoELayer
 from ...cache_compat import cache_kwargs, causal_mask, output_cache, resolve_cache
-from ...core.routers import RouterOutput
+from ...core import RouterOutput, build_moe_layer
 from ...modeling_utils import MoezooPreTrainedModel
 from ...modeling_layers import RMSNorm as MoezooLMRMSNorm, apply_rope, eager_attention
 from .configuration_moezoo_lm import MoezooLMConfig
@@ -136,7 +135,7 @@ class MoezooLMDecoderLayer(GradientCheckpointingLayer):
         self.self_attn = MoezooLMAttention(config, layer_idx)
         self.is_moe = config.is_moe_layer(layer_idx)
         if self.is_moe:
-            self.mlp = MoELayer(**config.moe_layer_kwargs())
+            self.mlp = build_moe_layer(config)
         else:
             self.mlp = SharedExpert(config.hidden_size, config.intermediate_size, config.hidden_act)
         self.input_layernorm = MoezooLMRMSNorm(config.hidden_size, config.rms_norm_eps)

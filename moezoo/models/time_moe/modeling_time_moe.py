@@ -26,9 +26,9 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 
 from ...cache_compat import cache_kwargs, causal_mask, output_cache, resolve_cache
 from ...core.experts import SharedExpert, get_activation
-from ...core.layer import MoELayer
+from ...core import build_moe_layer
 from ...core.losses import switch_balance_loss
-from ...core.routers import RouterOutput
+from ...core import RouterOutput
 from ...modeling_utils import MoezooPreTrainedModel
 from ...modeling_layers import RMSNorm as MoezooTimeMoeRMSNorm, apply_rope, eager_attention
 from .configuration_time_moe import MoezooTimeMoeConfig
@@ -130,7 +130,7 @@ class MoezooTimeMoeDecoderLayer(GradientCheckpointingLayer):
         self.self_attn = MoezooTimeMoeAttention(config, layer_idx)
         self.is_moe = not config.use_dense
         if self.is_moe:
-            self.mlp = MoELayer(**config.moe_layer_kwargs())
+            self.mlp = build_moe_layer(config)
         else:
             self.mlp = SharedExpert(config.hidden_size, config.dense_intermediate_size, config.hidden_act)
         self.input_layernorm = MoezooTimeMoeRMSNorm(config.hidden_size, config.rms_norm_eps)

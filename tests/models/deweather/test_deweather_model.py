@@ -3,6 +3,7 @@ router inside the model (trains, gradients), the official offset option, residua
 experts-implementation switching of the conventional twin, and the model card through ``moezoo push --dry-run``."""
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -183,3 +184,34 @@ def test_output_mode_validation_and_official_default():
         MoezooDeweatherConfig(output_mode="tanh")
     with pytest.raises(ValueError, match="in_channels"):
         MoezooDeweatherConfig(output_mode="residual", out_channels=1)
+
+
+def test_conventional_moe_honours_capacity_factor_and_shared_experts():
+    """The deweather MoE layers are built by the core's build_moe_layer: capacity mode and shared experts in the
+    config reach them (they used to be silently ignored)."""
+    plain = _tiny("deweather_moe_tiny_e4k2")
+    model = _tiny("deweather_moe_tiny_e4k2", capacity_factor=0.5, drop_policy="position", num_shared_experts=1,
+                  shared_intermediate_size=8, shared_expert_gate=True)
+    H = model.config.hidden_size
+    for _, layer in model.moe_layers():
+        assert layer.capacity_factor == 0.5 and layer.capacity.drop_policy == "position"
+        assert layer.shared_expert is not None and layer.shared_expert.up_proj.weight.shape == (8, H)
+        assert layer.shared_expert_gate is not None
+    extra = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in plain.parameters())
+    assert extra == 2 * (3 * H * 8 + 2 * 8 + H + H)  # per layer: gated shared MLP (I=8) with biases + gate row
+    model.eval()
+    with torch.no_grad():
+        out = model(pixel_values=torch.rand(2, 3, 16, 16))
+    ro = out.router_outputs[0]
+    n_tok = ro.indices.shape[0]
+    cap = math.ceil(0.5 * n_tok * 2 / 4)
+    counts = torch.bincount(ro.indices[ro.indices < 4], minlength=4)
+    assert int(counts.max()) <= cap and float(ro.extras["drop_rate"]) > 0
+    # the shared expert contributes: zeroing its down projection changes the output
+    with torch.no_grad():
+        for _, layer in model.moe_layers():
+            layer.shared_expert.down_proj.weight.zero_()
+            layer.shared_expert.down_proj.bias.zero_()
+        assert not torch.allclose(model(pixel_values=torch.rand(2, 3, 16, 16)).reconstruction, out.reconstruction)
+    with pytest.raises(ValueError, match="does not support"):
+        _tiny(TINY, num_shared_experts=1)

@@ -254,7 +254,7 @@ def test_convert_cli_round_trip(tmp_path, capsys):
 
     from moezoo.cli import main
     from moezoo.models.deweather.convert_mofme import convert_mofme
-    from moezoo.modeling_utils import PickleCheckpointError
+    from moezoo.safety import PickleCheckpointError
 
     g = torch.Generator().manual_seed(2)
     cfg, sd = _full_case(g, residual=False)

@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import dit_moe_reference as ref  # noqa: E402
 from moezoo.cli import main as cli_main  # noqa: E402
 from moezoo.models.dit_moe import MoezooDiTMoeModel  # noqa: E402
-from moezoo.modeling_utils import PickleCheckpointError  # noqa: E402
+from moezoo.safety import PickleCheckpointError  # noqa: E402
 from moezoo.parity import run_parity  # noqa: E402
 
 SHARED = Path(os.environ.get("MOEZOO_PARITY_DIR", Path(__file__).resolve().parents[3].parent / "shared" / "parity"))

@@ -158,13 +158,14 @@ def test_bad_inputs_raise_clear_errors(model1):
         pipe([0], num_inference_steps=1, cfg_channels=5)
 
 
-def test_import_moezoo_registers_the_transformer_with_diffusers_loader():
+def test_building_a_pipeline_registers_the_transformer_with_diffusers_loader(model1):
     from diffusers.pipelines import pipeline_loading_utils as plu
 
     from moezoo.models.dit_moe import DiTMoEPipeline as exported
     from moezoo.models.dit_moe.modeling_dit_moe import MoezooDiTMoeModel
 
     assert exported is DiTMoEPipeline
+    _pipe(model1, "ddim")
     entry = plu.LOADABLE_CLASSES[MoezooDiTMoeModel.__module__]
     assert entry == {"MoezooPreTrainedModel": ["save_pretrained", "from_pretrained"]}
     assert "MoezooPreTrainedModel" in plu.ALL_IMPORTABLE_CLASSES

@@ -18,7 +18,7 @@ from moezoo.cli import main  # noqa: E402
 from moezoo.convert import convert  # noqa: E402
 from moezoo.models.time_moe import MoezooTimeMoeConfig, MoezooTimeMoeForPrediction, MoezooTimeMoeModel  # noqa: E402
 from moezoo.models.time_moe.convert_time_moe import config_from_official, convert_state_dict  # noqa: E402
-from moezoo.modeling_utils import PickleCheckpointError  # noqa: E402
+from moezoo.safety import PickleCheckpointError  # noqa: E402
 
 PARITY = Path(os.environ.get("MOEZOO_PARITY_DIR", Path(__file__).resolve().parents[3].parent / "shared" / "parity"))
 REF = PARITY / "time_moe"

@@ -31,10 +31,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from .routers import check_router_input, check_top_k, finish, register_router, RouterOutput
+from .base import Router, register_router
+from .output import RouterOutput, check_router_input, check_top_k
 
 EVAL_MODES = ("deterministic", "mc")
 
@@ -45,7 +44,7 @@ def probit_calibrate(mean_logits: torch.Tensor, logit_var: torch.Tensor) -> torc
 
 
 @register_router("uncertainty")
-class UncertaintyRouter(nn.Module):
+class UncertaintyRouter(Router):
     """Monte-Carlo, uncertainty-calibrated top-k router (see the module docstring for the formula).
 
     Args:
@@ -59,11 +58,12 @@ class UncertaintyRouter(nn.Module):
         bias: a bias on the router linear layer (MoFME has one).
     """
 
+    signals = ("generator",)
+
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, *, num_samples: int = 4,
                  input_dropout: float = 0.1, logit_noise_std: float = 0.0, eval_mode: str = "deterministic",
                  eval_seed: int = 0, softmax_after_topk: bool = True, norm_topk_prob: bool = True, bias: bool = True,
                  router_dtype: torch.dtype = torch.float32):
-        super().__init__()
         check_top_k(top_k, num_experts)
         if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
             raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
@@ -73,22 +73,15 @@ class UncertaintyRouter(nn.Module):
             raise ValueError(f"logit_noise_std must be >= 0, got {logit_noise_std!r}")
         if eval_mode not in EVAL_MODES:
             raise ValueError(f"eval_mode must be one of {EVAL_MODES}, got {eval_mode!r}")
-        self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
+        super().__init__(hidden_size, num_experts, bias=bias, router_dtype=router_dtype)
+        self.top_k = top_k
         self.num_samples, self.input_dropout, self.logit_noise_std = num_samples, float(input_dropout), float(logit_noise_std)
         self.eval_mode, self.eval_seed = eval_mode, int(eval_seed)
         self.softmax_after_topk, self.norm_topk_prob = softmax_after_topk, norm_topk_prob
-        self.router_dtype = router_dtype
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
-        self.bias = nn.Parameter(torch.zeros(num_experts)) if bias else None
-        nn.init.normal_(self.weight, std=hidden_size ** -0.5)
 
     @property
     def stochastic(self) -> bool:
         return self.input_dropout > 0 or self.logit_noise_std > 0
-
-    def _linear(self, x: torch.Tensor) -> torch.Tensor:
-        dt = self.router_dtype
-        return F.linear(x.to(dt), self.weight.to(dt), None if self.bias is None else self.bias.to(dt))
 
     def sample_logits(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """(S, T, E) Monte-Carlo router logits for (T, H) inputs."""
@@ -96,9 +89,9 @@ class UncertaintyRouter(nn.Module):
         if p > 0:
             keep = torch.full((S, *x.shape), 1.0 - p, dtype=self.router_dtype, device=x.device)
             mask = torch.bernoulli(keep, generator=generator) / (1.0 - p)
-            logits = self._linear(x.to(self.router_dtype).unsqueeze(0) * mask)
+            logits = self.compute_logits(x.to(self.router_dtype).unsqueeze(0) * mask)
         else:
-            logits = self._linear(x).unsqueeze(0).expand(S, -1, -1)
+            logits = self.compute_logits(x).unsqueeze(0).expand(S, -1, -1)
         if self.logit_noise_std > 0:
             noise = torch.randn(logits.shape, generator=generator, dtype=logits.dtype, device=logits.device)
             logits = logits + self.logit_noise_std * noise
@@ -118,7 +111,7 @@ class UncertaintyRouter(nn.Module):
             sample_probs = samples.softmax(-1)
             prob_mean, prob_var = sample_probs.mean(0), sample_probs.var(0, unbiased=False)
         else:
-            mean = self._linear(hidden_states)
+            mean = self.compute_logits(hidden_states)
             var = torch.zeros_like(mean)
             prob_mean, prob_var = mean.softmax(-1), torch.zeros_like(mean)
         z = probit_calibrate(mean, var)
@@ -130,7 +123,7 @@ class UncertaintyRouter(nn.Module):
             weights, indices = probs.topk(self.top_k, dim=-1)
             if self.norm_topk_prob:
                 weights = weights / weights.sum(-1, keepdim=True)
-        return finish(z, probs, indices, weights, self.num_experts, mean_logits=mean, logit_var=var,
+        return RouterOutput.from_selection(z, probs, indices, weights, self.num_experts, mean_logits=mean, logit_var=var,
                       prob_mean=prob_mean, prob_var=prob_var)
 
     def extra_repr(self) -> str:
