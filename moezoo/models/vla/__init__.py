@@ -12,9 +12,10 @@ from .modeling_vla import MissingStatisticsError, MoezooVlaOutput, MoezooVlaPoli
 register_family("vla", config_class=MoezooVlaConfig, model_class=MoezooVlaPolicy, card="vla",
                 description="π0-style vision-language-action policies: camera router + skill action MoE (DriveMoE)")
 
-# driving: front camera always seen, the router picks 1 of 4 other views (DriveMoE: front + history + 1 of 5)
-_DRIVE_CAMERAS = ["front", "front_left", "front_right", "rear", "rear_wide"]
-_DRIVE = dict(camera_names=_DRIVE_CAMERAS, context_cameras=["front"], use_camera_router=True, num_cameras_selected=1,
+# driving (moezoo.models.vla.driving): the ego-centred top-down view is always seen, the router picks 1 of 4 shifted
+# views (ahead / behind / left / right); DriveMoE: front + front history always, 1 of 5 other cameras
+_DRIVE_CAMERAS = ["ego", "ahead", "behind", "left", "right"]
+_DRIVE = dict(camera_names=_DRIVE_CAMERAS, context_cameras=["ego"], use_camera_router=True, num_cameras_selected=1,
               state_dim=6, action_dim=2, chunk_size=8, n_action_steps=4, waypoint_dim=2,
               num_experts_per_tok=1, num_shared_experts=1, camera_router_loss_coef=1.0, action_router_loss_coef=0.1,
               camera_router_heads=4)
@@ -27,18 +28,18 @@ _S_TEXT = dict(model_type="llama", vocab_size=320, hidden_size=128, intermediate
 _S_VISION = dict(img_size=64, patch_size=16, embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0)
 
 
-@register_model(family="vla", config=dict(_DRIVE, **{k: v for k, v in _TINY.items() if k not in ("num_experts_per_tok",)},
-                                          num_experts_per_tok=1),
-                tiny=dict(_TINY, num_experts_per_tok=1))
-def drivemoe_tiny_e4k1(config):
-    """Tiny DriveMoE (CPU): 32x32 views, camera router over 4 candidate views, 4 skill experts top-1 + 1 shared."""
+@register_model(family="vla", config=dict(_DRIVE, **dict(_TINY, num_experts=6, num_experts_per_tok=1)),
+                tiny=dict(_TINY, num_experts=6, num_experts_per_tok=1))
+def drivemoe_tiny_e6k1(config):
+    """Tiny DriveMoE (CPU): 32x32 views, camera router over 4 candidate views, 6 skill experts (one per driving
+    skill of moezoo.models.vla.driving.SKILLS) top-1 + 1 shared."""
     return MoezooVlaPolicy(config)
 
 
 @register_model(family="vla", config=dict(_DRIVE, image_size=64, text_config=_S_TEXT, vision_model_kwargs=_S_VISION,
                                           hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                           num_moe_layers=2, num_experts=6, moe_intermediate_size=64),
-                tiny=dict(_TINY, num_experts_per_tok=1))
+                tiny=dict(_TINY, num_experts=6, num_experts_per_tok=1))
 def drivemoe_s_e6k1(config):
     """Small DriveMoE for the highway-env recipe: 64x64 views, 4-layer LM (128), 6 skill experts top-1 + 1 shared."""
     return MoezooVlaPolicy(config)

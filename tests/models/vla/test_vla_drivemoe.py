@@ -24,7 +24,7 @@ FIXTURE = Path(os.environ.get("MOEZOO_PARITY_DIR", Path(__file__).resolve().pare
 
 def _drivemoe(**over):
     torch.manual_seed(0)
-    return moezoo.create_model("drivemoe_tiny_e4k1", tiny=True, **over)
+    return moezoo.create_model("drivemoe_tiny_e6k1", tiny=True, **over)
 
 
 def test_skill_moe_routes_per_sample_once_with_shared_expert():

@@ -241,6 +241,6 @@ def test_a_few_steps_fit_one_batch():
 
 def test_registry_entries():
     names = moezoo.list_models(family="vla")
-    assert {"drivemoe_tiny_e4k1", "drivemoe_s_e6k1", "vla_tiny_e4k2"} <= set(names)
+    assert {"drivemoe_tiny_e6k1", "drivemoe_s_e6k1", "vla_tiny_e4k2"} <= set(names)
     full = moezoo.get_model_config("drivemoe_s_e6k1")
     assert full.use_camera_router and full.num_moe_layers == 2 and full.mlp_layer_types[-2:] == ["skill_moe"] * 2
