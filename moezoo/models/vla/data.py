@@ -1,5 +1,5 @@
 """Driving demonstrations: collection with the IDM expert, a documented on-disk format, a chunked dataset and
-dataset statistics.
+dataset statistics; :class:`LeRobotDataset` reads LeRobot-format folders (parquet + mp4) into the same samples.
 
 Format (one folder)::
 
@@ -145,3 +145,98 @@ class EpisodeDataset(torch.utils.data.Dataset):
 
 
 __all__ = ["FORMAT", "collect_demonstrations", "compute_stats", "EpisodeDataset"]
+
+
+class LeRobotDataset(torch.utils.data.Dataset):
+    """A LeRobot-format dataset folder (v2.x layout: ``meta/info.json``, ``meta/episodes.jsonl``,
+    ``meta/tasks.jsonl``, optional ``meta/stats.json``, ``data/chunk-XXX/episode_XXXXXX.parquet`` and
+    ``videos/chunk-XXX/<video key>/episode_XXXXXX.mp4``), read offline, as the same raw samples as
+    :class:`EpisodeDataset`: images (3, S, S) in [0, 1] for every video / image feature, ``observation.state``, the
+    ``task`` string, an ``action`` chunk of ``chunk_size`` steps with ``action_is_pad``.
+
+    Needs ``pyarrow`` (parquet) and OpenCV (video decoding; the codec must be one OpenCV's FFmpeg decodes).
+    ``camera_map`` renames LeRobot image keys (``observation.images.top``) to the policy's camera names.
+    """
+
+    def __init__(self, root, chunk_size: int, image_size: int | None = None, camera_map: dict | None = None):
+        try:
+            import pandas as pd
+            import pyarrow  # noqa: F401
+        except ModuleNotFoundError as exc:
+            raise ModuleNotFoundError("reading LeRobot parquet files needs pandas and pyarrow: pip install pyarrow") \
+                from exc
+        self.root = Path(root)
+        info_path = self.root / "meta" / "info.json"
+        if not info_path.is_file():
+            raise FileNotFoundError(f"{info_path} not found: not a LeRobot dataset folder")
+        self.info = json.loads(info_path.read_text())
+        self.fps = float(self.info["fps"])
+        feats = self.info["features"]
+        for key in ("observation.state", "action"):
+            if key not in feats:
+                raise ValueError(f"the LeRobot dataset has no {key!r} feature (has {sorted(feats)})")
+        self.video_keys = [k for k, f in feats.items() if f.get("dtype") == "video"]
+        self.camera_map = dict(camera_map or {})
+        self.chunk_size, self.image_size = chunk_size, image_size
+        tasks = [json.loads(line) for line in (self.root / "meta" / "tasks.jsonl").read_text().splitlines() if line]
+        self.tasks = {int(t["task_index"]): t["task"] for t in tasks}
+        episodes = [json.loads(line) for line in (self.root / "meta" / "episodes.jsonl").read_text().splitlines()
+                    if line]
+        stats_path = self.root / "meta" / "stats.json"
+        self.stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
+        csize = int(self.info.get("chunks_size", 1000))
+        self.episodes, self.index = [], []
+        for ep in episodes:
+            e = int(ep["episode_index"])
+            fmt = dict(episode_chunk=e // csize, episode_index=e)
+            df = pd.read_parquet(self.root / self.info["data_path"].format(**fmt))
+            data = {"observation.state": torch.tensor(np.stack(df["observation.state"].to_numpy()), dtype=torch.float32),
+                    "action": torch.tensor(np.stack(df["action"].to_numpy()), dtype=torch.float32),
+                    "timestamp": df["timestamp"].to_numpy(), "task_index": df["task_index"].to_numpy()}
+            videos = {k: self.root / self.info["video_path"].format(video_key=k, **fmt) for k in self.video_keys}
+            self.episodes.append((data, videos, {}))
+            self.index.extend((len(self.episodes) - 1, t) for t in range(len(df)))
+        if self.stats is None:
+            self.stats = {k: {"mean": torch.cat([d[k] for d, _, _ in self.episodes]).mean(0).tolist(),
+                              "std": torch.cat([d[k] for d, _, _ in self.episodes]).std(0).clamp_min(1e-3).tolist()}
+                          for k in ("observation.state", "action")}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _frames(self, path: Path, cache: dict) -> np.ndarray:
+        if path not in cache:
+            import cv2
+
+            cap = cv2.VideoCapture(str(path))
+            frames = []
+            while True:
+                ok, frame = cap.read()
+                if not ok:
+                    break
+                frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+            cap.release()
+            if not frames:
+                raise ValueError(f"could not decode {path} with OpenCV (codec unsupported?); re-encode it as mp4v/h264")
+            cache[path] = np.stack(frames)
+        return cache[path]
+
+    def __getitem__(self, i: int) -> dict:
+        e, t = self.index[i]
+        data, videos, cache = self.episodes[e]
+        T, H = data["action"].shape[0], self.chunk_size
+        idx = torch.arange(t, t + H).clamp_max(T - 1)
+        out = {"observation.state": data["observation.state"][t], "action": data["action"][idx],
+               "action_is_pad": torch.arange(t, t + H) >= T, "task": self.tasks[int(data["task_index"][t])]}
+        for key, path in videos.items():
+            frames = self._frames(path, cache)
+            f = min(int(round(float(data["timestamp"][t]) * self.fps)), len(frames) - 1)
+            img = torch.from_numpy(frames[f]).permute(2, 0, 1).float() / 255.0
+            if self.image_size and img.shape[-1] != self.image_size:
+                img = torch.nn.functional.interpolate(img[None], size=(self.image_size, self.image_size), mode="area")[0]
+            name = self.camera_map.get(key, key.removeprefix("observation.images."))
+            out[f"observation.images.{name}"] = img
+        return out
+
+
+__all__ += ["LeRobotDataset"]
