@@ -116,6 +116,11 @@ class DrivingEnv:
             self.brain.plan_route_to(self.destination)
         self.route_length = self._route_length()
         self.start = ego.position.copy()
+        self.driven, self.remaining = 0.0, 0.0
+        if self.route_length is not None:
+            first = road.network.get_lane(self._lane_id(self.brain.route[0]))
+            s0, _ = first.local_coordinates(ego.position)
+            self.remaining = self.route_length - max(0.0, float(s0))
         self.instruction = self._instruction()
         self.steps, self.crashed, self.speeds, self.done = 0, False, [], False
         self.progress = 0.0
@@ -258,18 +263,13 @@ class DrivingEnv:
         return self.route_length is not None and self.progress >= 0.95
 
     def _progress(self) -> float:
+        """Highway / merge: fraction of the episode survived. Routed scenarios: distance driven (speed x step time)
+        over the route length still ahead of the start position (lane-matching the ego on the roundabout ring was
+        unreliable: the closest lane is often not a route lane)."""
         if self.route_length is None:  # highway / merge: survive the episode
             return self.steps / self.scenario.max_steps
-        net, ego = self.u.road.network, self.u.vehicle
-        route = self.brain.route or []
-        li = net.get_closest_lane_index(ego.position, ego.heading)
-        done_len = 0.0
-        for r in route:
-            if r[:2] == li[:2]:
-                s, _ = net.get_lane(li).local_coordinates(ego.position)
-                return float(min(1.0, (done_len + max(0.0, s)) / self.route_length))
-            done_len += net.get_lane(self._lane_id(r)).length
-        return self.progress
+        self.driven += float(self.u.vehicle.speed) / self.u.config["policy_frequency"]
+        return float(min(1.0, self.driven / max(self.remaining, 1.0)))
 
     def metrics(self) -> dict:
         """Episode metrics: success, route completion, collision, mean speed, driving score (Bench2Drive-style:
