@@ -415,3 +415,34 @@ def routing_contrastive_loss(prototypes: torch.Tensor, hidden_states: torch.Tens
     logits = centers @ means.T / temperature
     target = torch.arange(logits.shape[0], device=logits.device)
     return torch.nn.functional.cross_entropy(logits, target)
+
+
+def router_supervision_loss(logits: torch.Tensor, labels: torch.Tensor, *, gamma: float = 0.0,
+                            alpha: torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
+    """Supervised routing: (focal) cross-entropy between per-sample router logits (N, R) and target ids (N,).
+
+    DriveMoE supervises its camera router with the annotated relevant view and its action router with the scenario
+    (skill) label, both with a focal loss ``alpha_y * (1 - p_y)^gamma * CE`` (``gamma=0`` and ``alpha=None`` is plain
+    cross-entropy). ``alpha`` (R,) weighs classes (DriveMoE: normalised inverse class frequencies). Targets equal to
+    ``ignore_index`` are left out; with no valid target the loss is 0 (still connected to ``logits``).
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must have shape (samples, num_choices), got {tuple(logits.shape)}")
+    labels = torch.as_tensor(labels, device=logits.device).long().reshape(-1)
+    if labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"labels has {labels.shape[0]} entries, expected one per sample ({logits.shape[0]})")
+    valid = labels != ignore_index
+    R = logits.shape[-1]
+    if bool(((labels[valid] < 0) | (labels[valid] >= R)).any()):
+        raise ValueError(f"labels must be in [0, {R}) (or ignore_index={ignore_index}), got {labels.tolist()}")
+    if not bool(valid.any()):
+        return logits.sum() * 0.0
+    lg, y = logits[valid].float(), labels[valid]
+    ce = torch.nn.functional.cross_entropy(lg, y, reduction="none")
+    loss = ce if gamma == 0 else (1 - torch.exp(-ce)).pow(gamma) * ce
+    if alpha is not None:
+        alpha = torch.as_tensor(alpha, dtype=loss.dtype, device=loss.device).reshape(-1)
+        if alpha.shape[0] != R:
+            raise ValueError(f"alpha has {alpha.shape[0]} entries, expected num_choices={R}")
+        loss = alpha[y] * loss
+    return loss.mean()

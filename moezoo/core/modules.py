@@ -70,3 +70,28 @@ class CameraRouter(nn.Module):
             return F.gumbel_softmax(logits, tau=tau, hard=hard)
         return F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
 
+    def select_topk(self, logits: torch.Tensor, top_k: int = 1, *, tau: float = 1.0, hard: bool = True,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pick ``top_k`` of the ``L`` views per sample -> (slots (B, k, L), indices (B, k)).
+
+        Eval: the k largest logits (one-hot slots, best first). Training: Gumbel-perturbed logits
+        ``(logits + g) / tau`` decide the k views; each slot is the straight-through one-hot
+        ``hard - soft.detach() + soft`` with ``soft = softmax((logits + g) / tau)`` (``hard=False``: the soft weights),
+        so the choice stays differentiable. ``top_k=1`` in training is ``F.gumbel_softmax(logits, tau, hard)``.
+        """
+        if logits.dim() != 2:
+            raise ValueError(f"logits must have shape (batch, num_labels), got {tuple(logits.shape)}")
+        L = logits.shape[-1]
+        if not isinstance(top_k, int) or not 1 <= top_k <= L:
+            raise ValueError(f"top_k must be an int in [1, num_labels={L}], got {top_k!r}")
+        if not self.training:
+            idx = logits.topk(top_k, dim=-1).indices
+            return F.one_hot(idx, L).to(logits.dtype), idx
+        gumbels = -torch.empty_like(logits).exponential_().log()
+        y = (logits + gumbels) / tau
+        soft = y.softmax(-1)
+        idx = y.topk(top_k, dim=-1).indices
+        slots = soft.unsqueeze(1).expand(-1, top_k, -1)
+        if hard:
+            slots = F.one_hot(idx, L).to(soft.dtype) - slots.detach() + slots
+        return slots, idx

@@ -1,0 +1,78 @@
+"""Official DriveMoE checkpoint keys -> :class:`MoezooVlaPolicy` keys, for the parts that correspond.
+
+Mapped (official ``mr-d-self-driving/DriveMoE``, ``src/model/DriveMoE``):
+
+- ``joint_model.mixtures.action.layers.<i>.mlp.skill_experts.<e>.{gate,up,down}_proj.weight`` and
+  ``...mlp.shared_experts.<s>.*`` (``MoEGemmaMLP``) -> ``action_expert.layers.<i>.mlp.experts.*`` (3-D) and
+  ``...mlp.shared_expert.*`` (the unweighted sum of the shared GemmaMLPs fused into one MLP);
+- ``joint_model.action_router.{router_linear.weight,temperature}`` (``MLPRouter``, computed once and reused) ->
+  ``action_expert.layers.<first MoE layer>.mlp.gate.{weight,temperature}`` (the later MoE layers' gates hold no weights:
+  they receive the first layer's logits);
+- ``camera_router.*`` (``Router``) -> ``camera_router.*`` (same names, :class:`moezoo.core.CameraRouter`).
+
+The per-layer tensor layout is the one the block parity reference ``drivemoe_action_moe`` checks
+(:func:`moezoo.parity.drivemoe_action_moe._moe_mlp`); this module only renames. The PaliGemma VLM, the Gemma action
+expert's attention / adaptive norms and the action encoders of the official model differ from this π0 base and are
+returned as unmapped keys.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ...parity.drivemoe_action_moe import _moe_mlp
+
+OFFICIAL_MOE = "joint_model.mixtures.action.layers.{i}.mlp."
+OFFICIAL_ROUTER = "joint_model.action_router."
+CAMERA = "camera_router."
+
+
+def official_moe_layers(state_dict: dict) -> list[int]:
+    """Indices i of ``joint_model.mixtures.action.layers.<i>.mlp.skill_experts`` in an official state dict."""
+    pat = re.compile(r"^joint_model\.mixtures\.action\.layers\.(\d+)\.mlp\.skill_experts\.")
+    return sorted({int(m.group(1)) for k in state_dict if (m := pat.match(k))})
+
+
+def convert_drivemoe_state_dict(state_dict: dict, config) -> tuple[dict, list[str]]:
+    """Map an official DriveMoE state dict onto a :class:`MoezooVlaConfig` policy.
+
+    Returns ``(moezoo_state, unmapped_official_keys)``; load the first with ``policy.load_state_dict(state,
+    strict=False)`` (it only holds the action-MoE, action-router and camera-router tensors). The official MoE layers
+    must sit where ``config.mlp_layer_types`` has ``"skill_moe"``, with the config's expert counts and widths.
+    """
+    layers = official_moe_layers(state_dict)
+    ours = [i for i, t in enumerate(config.mlp_layer_types) if t == "skill_moe"]
+    if layers != ours:
+        raise ValueError(f"the official checkpoint has skill-MoE FFNs in action layers {layers}, the config in {ours} "
+                         "(set num_moe_layers / mlp_layer_types to match)")
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    router = {k[len(OFFICIAL_ROUTER):]: v for k, v in state_dict.items() if k.startswith(OFFICIAL_ROUTER)}
+    if "router_linear.weight" not in router or "temperature" not in router:
+        raise ValueError(f"the official checkpoint has no action router ('{OFFICIAL_ROUTER}router_linear.weight', "
+                         f"'{OFFICIAL_ROUTER}temperature')")
+    used.update(OFFICIAL_ROUTER + k for k in router)
+    for n, i in enumerate(layers):
+        pre = OFFICIAL_MOE.format(i=i)
+        sub = {"moe_mlp." + k[len(pre):]: v for k, v in state_dict.items() if k.startswith(pre)}
+        used.update(k for k in state_dict if k.startswith(pre))
+        sub.update({"action_router." + k: v for k, v in router.items()})
+        layer = _moe_mlp({"num_experts_per_tok": config.num_experts_per_tok, "num_skill_experts": config.num_experts},
+                         {}, sub)
+        if layer.experts.down_proj.shape[-1] != config.moe_intermediate_size or layer.hidden_size != config.hidden_size:
+            raise ValueError(f"official MoE layer {i} has hidden {layer.hidden_size} / intermediate "
+                             f"{layer.experts.down_proj.shape[-1]}, the config hidden_size={config.hidden_size} / "
+                             f"moe_intermediate_size={config.moe_intermediate_size}")
+        for k, v in layer.state_dict().items():
+            if k.startswith("gate.") and n > 0:
+                continue  # the router lives in the first MoE layer only
+            out[f"action_expert.layers.{i}.mlp.{k}"] = v.detach().clone()
+    for k, v in state_dict.items():
+        if k.startswith(CAMERA):
+            out[k] = v
+            used.add(k)
+    return out, sorted(k for k in state_dict if k not in used)
+
+
+__all__ = ["convert_drivemoe_state_dict", "official_moe_layers"]
