@@ -16,6 +16,7 @@ from .losses import routing_contrastive_loss
 from .layer import PlainSharedExpert
 from .fme import FMEExperts, FMEMoELayer
 from .uncertainty import UncertaintyRouter, probit_calibrate
+from .top2_gating import Top2CapacityRouter
 
 __all__ = [
     "BiasedExperts", "Experts", "ExpertsImplementationConfig", "PlainBiasedExperts", "PlainExperts", "SharedExpert",
@@ -27,5 +28,5 @@ __all__ = [
     "UpcycledMoE", "collect_router_outputs", "upcycle_model", "upcycled_balance_loss", "base_model_ep_plan",
     "distribute_experts", "ep_plan",
     "PrototypeRouter", "routing_contrastive_loss", "PlainSharedExpert",
-    "FMEExperts", "FMEMoELayer", "UncertaintyRouter", "probit_calibrate",
+    "FMEExperts", "FMEMoELayer", "UncertaintyRouter", "probit_calibrate", "Top2CapacityRouter",
 ]
