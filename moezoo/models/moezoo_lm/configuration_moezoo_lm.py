@@ -25,7 +25,7 @@ class MoezooLMConfig(MoezooConfig):
     """
 
     model_type = "moezoo_lm"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
     default_theta = 10000.0
 
     # tensor / expert / pipeline parallel plans, mirroring transformers' Qwen3-MoE / Mixtral (transformers 5.23)

@@ -43,7 +43,7 @@ class MoezooTimeMoeConfig(MoezooConfig):
     """
 
     model_type = "moezoo_time_moe"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     base_model_tp_plan = {
         "layers.*.self_attn.q_proj": "colwise",
