@@ -21,10 +21,10 @@ from ...core.layer import MoELayer
 from ...core.losses import modality_balance_loss
 from ...core.routers import ModalityRouter
 from ...core.upcycle import clear_router_outputs, collect_router_outputs, find_dense_mlps, upcycle_model
+from ...cache_compat import cache_kwargs, output_cache, resolve_cache
 from ...modeling_utils import MoezooPreTrainedModel
 from .configuration_vl_moe import IMAGE, TEXT, MoezooVlMoeConfig, moe_layer_indices
 
-_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(MoeCausalLMOutputWithPast)} else "past_key_values"
 
 
 @dataclasses.dataclass
@@ -40,19 +40,6 @@ class MoezooVlMoeCausalLMOutput(MoeCausalLMOutputWithPast):
     """:class:`MoeCausalLMOutputWithPast` + ``image_hidden_states``."""
 
     image_hidden_states: torch.Tensor | None = None
-
-
-def resolve_cache(cache, past_key_values):
-    """The cache passed as ``cache=`` (transformers' current name) or ``past_key_values=`` (older name)."""
-    if cache is not None and past_key_values is not None:
-        raise ValueError("pass the KV cache as either cache= or past_key_values= (the older name), not both")
-    cache = cache if cache is not None else past_key_values
-    if cache is not None:
-        from transformers.cache_utils import Cache
-
-        if not isinstance(cache, Cache):
-            raise ValueError(f"cache must be a transformers Cache (e.g. DynamicCache), got {type(cache).__name__}")
-    return cache
 
 
 def _supported_mlp_forms() -> str:
@@ -309,8 +296,7 @@ class MoezooVlMoeModel(MoezooVlMoePreTrainedModel):
         aux = self.compute_aux_loss(router_outputs, attention_mask)
         logits = tuple(ro.logits.masked_fill(~torch.isfinite(ro.logits), torch.finfo(ro.logits.dtype).min)
                        for ro in router_outputs)
-        lm_cache = out.get(_CACHE_FIELD)
-        res = MoezooVlMoeModelOutput(last_hidden_state=out.last_hidden_state, **{_CACHE_FIELD: lm_cache},
+        res = MoezooVlMoeModelOutput(last_hidden_state=out.last_hidden_state, **cache_kwargs(output_cache(out)),
                                      hidden_states=getattr(out, "hidden_states", None),
                                      attentions=getattr(out, "attentions", None),
                                      router_logits=logits or None, aux_loss=aux,
@@ -369,7 +355,7 @@ class MoezooVlMoeForConditionalGeneration(MoezooVlMoePreTrainedModel, Generation
                                    ignore_index=-100)
             if out.aux_loss is not None:
                 loss = loss + out.aux_loss.to(loss.dtype)
-        res = MoezooVlMoeCausalLMOutput(loss=loss, aux_loss=out.aux_loss, logits=logits, **{_CACHE_FIELD: out.get(_CACHE_FIELD)},
+        res = MoezooVlMoeCausalLMOutput(loss=loss, aux_loss=out.aux_loss, logits=logits, **cache_kwargs(output_cache(out)),
                                         hidden_states=out.hidden_states, attentions=out.attentions,
                                         router_logits=out.router_logits, image_hidden_states=out.image_hidden_states)
         return res

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import moezoo
+from moezoo.cache_compat import output_cache
 from moezoo.core import MoELayer
 from moezoo.models.vl_moe import MoezooVlMoeConfig, MoezooVlMoeForConditionalGeneration, MoezooVlMoeProcessor
 
@@ -143,7 +144,7 @@ def test_greedy_generate_with_and_without_cache_agree(router):
         full = m(input_ids=a, pixel_values=inputs["pixel_values"]).logits[:, -1]
         n = a.shape[1] - 1
         first = m(input_ids=a[:, :n], pixel_values=inputs["pixel_values"], use_cache=True)
-        cache = first["cache"] if "cache" in first else first["past_key_values"]
+        cache = output_cache(first)
         step = m(input_ids=a[:, n:], cache=cache, use_cache=True).logits[:, -1]
     torch.testing.assert_close(step, full, atol=1e-4, rtol=1e-4)
 
@@ -155,17 +156,16 @@ def test_cache_and_past_key_values_names():
     inputs = m.example_inputs(labels=False, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = m(**inputs, use_cache=True)
-        cache = out["cache"] if "cache" in out else out["past_key_values"]
+        cache = output_cache(out)
         nxt = torch.tensor([[3], [4]])
         a = m(input_ids=nxt, cache=cache, use_cache=True).logits
     with torch.no_grad():
-        cache2 = m(**inputs, use_cache=True)
-        cache2 = cache2["cache"] if "cache" in cache2 else cache2["past_key_values"]
+        cache2 = output_cache(m(**inputs, use_cache=True))
         b = m(input_ids=nxt, past_key_values=cache2, use_cache=True).logits
     torch.testing.assert_close(a, b)
-    with pytest.raises(ValueError, match="either cache= or past_key_values="):
+    with pytest.raises(ValueError, match="both `cache` and `past_key_values`"):
         m(input_ids=nxt, cache=DynamicCache(), past_key_values=DynamicCache())
-    with pytest.raises(ValueError, match="cache must be a transformers Cache"):
+    with pytest.raises(TypeError, match="`cache` must be a transformers Cache"):
         m(input_ids=nxt, cache=[(torch.zeros(1), torch.zeros(1))])
 
 
