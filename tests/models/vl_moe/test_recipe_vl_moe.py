@@ -106,3 +106,19 @@ def test_moiie_two_stage_variant_and_bad_stage(tmp_path):
         run_stages(_config(tmp_path / "b", [{"name": "x", "train": ["everything"]}]))
     with pytest.raises(ValueError, match="needs MoE layers"):
         run_stages(_config(tmp_path / "c", [{"name": "x", "train": ["moe"]}]))
+
+
+def test_lora_stage_merges_adapters_into_plain_weights(tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    stages = [{"name": "projector", "train": ["projector"], "trainer": {"max_steps": 1}},
+              {"name": "lora", "train": ["projector"], "lora": {"r": 4, "target_modules": ["q_proj"]}}]
+    res = run_stages(_config(tmp_path, stages))
+    a = AutoModelForImageTextToText.from_pretrained(res["stages"][0]["model_dir"])
+    b = AutoModelForImageTextToText.from_pretrained(res["stages"][1]["model_dir"])
+    assert not any("lora" in k for k in b.state_dict())
+    la, lb = a.model.language_model.layers[0].self_attn, b.model.language_model.layers[0].self_attn
+    assert not torch.equal(la.q_proj.weight, lb.q_proj.weight)  # LoRA update merged
+    assert torch.equal(la.k_proj.weight, lb.k_proj.weight)  # not targeted, frozen
+    with pytest.raises(ValueError, match="lora trains adapters"):
+        run_stages(_config(tmp_path / "x", [{"name": "l", "train": ["language_model"], "lora": {"r": 2}}]))
