@@ -250,7 +250,7 @@ def test_convert_moe_llava_checkpoint(tmp_path):
     torch.testing.assert_close(getattr(tower, "vision_model", tower).embeddings.patch_embedding.weight,
                                st["model.image_tower.image_tower.vision_model.embeddings.patch_embedding.weight"])
     inputs = model.example_inputs(labels=False, generator=torch.Generator().manual_seed(0))
-    out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
     # official Gumbel sampling is an option
     dst2 = convert("moe-llava", src, tmp_path / "ours2", vision_config=CLIP, official_sampling=True)

@@ -91,7 +91,8 @@ def test_three_stage_moe_tuning_freezes_what_it_should_and_resumes(tmp_path):
 
     from moezoo.models.vl_moe.data import prompt_text
     inputs = proc(images=Image.new("RGB", (64, 64)), text=prompt_text(proc, "what shape is this?"))
-    assert s3.eval().generate(**inputs, max_new_tokens=2, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 2
+    out = s3.eval().generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 2
 
 
 def test_moiie_two_stage_variant_and_bad_stage(tmp_path):

@@ -184,7 +184,7 @@ def test_processor_then_generate_like_llava(tmp_path):
     inputs = proc(images=img, text=prompt)
     assert inputs["pixel_values"].shape == (1, 3, 32, 32)
     assert int((inputs["input_ids"] == m.config.image_token_id).sum()) == m.config.image_seq_length
-    out = m.generate(**inputs, max_new_tokens=4, do_sample=False)
+    out = m.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert out.shape == (1, inputs["input_ids"].shape[1] + 4)
     assert isinstance(proc.batch_decode(out[:, inputs["input_ids"].shape[1]:])[0], str)
     # saved together, the Auto classes rebuild both
@@ -195,7 +195,7 @@ def test_processor_then_generate_like_llava(tmp_path):
     assert type(proc2) is MoezooVlMoeProcessor and proc2.image_seq_length == m.config.image_seq_length
     inputs2 = proc2(images=img, text=prompt)
     torch.testing.assert_close(inputs2["pixel_values"], inputs["pixel_values"])
-    assert torch.equal(m2.generate(**inputs2, max_new_tokens=4, do_sample=False), out)
+    assert torch.equal(m2.generate(**inputs2, max_new_tokens=4, min_new_tokens=4, do_sample=False), out)
 
 
 # ---------------------------------------------------------------------------------------------------------- errors
