@@ -247,3 +247,16 @@ def test_bad_config_values():
         MoezooVlMoeConfig(**TOWER, text_config=LLAMA, router_type="top2_capacity", num_experts=4, num_experts_per_tok=1)
     with pytest.raises(ValueError, match="not a timm model name"):
         make(vision_tower="no_such_model_xyz", vision_tower_kwargs=None)
+
+
+def test_siglip_tower_and_phi3_fused_mlp_decoder():
+    siglip = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=32, patch_size=8)
+    phi3 = dict(model_type="phi3", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
+    m = make(phi3, vision_config=siglip, vision_tower=None, moe_mode="dense", router_type="modality")
+    assert m.config.image_seq_length == 16  # SigLIP: no CLS token to drop
+    assert len(m.moe_layers()) == 2
+    out = m(**m.example_inputs(generator=torch.Generator().manual_seed(0)))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
