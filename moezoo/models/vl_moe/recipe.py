@@ -83,7 +83,8 @@ def build_model_and_processor(model_cfg: dict, samples):
             tok.pad_token = tok.eos_token
         text = lm.config.to_dict()
         text["vocab_size"] = max(len(tok), lm.config.vocab_size)
-        text.pop("moezoo_upcycle", None)
+        for key in ("moezoo_upcycle", "quantization_config"):  # weights are dequantised fp32 here (GGUF)
+            text.pop(key, None)
         target.update(text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"))
     else:
         words = [s.question + " " + s.answer for s in samples]
