@@ -25,6 +25,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 GENERATING = {
     "moezoo_lm": ("lm_small_e16k2", lambda g: torch.randint(1, 128, (2, 7), generator=g)),
     "time_moe": ("time_moe_tiny_e4k2", lambda g: torch.randn(2, 12, generator=g).cumsum(1)),
+    "vl_moe": ("vl_moe_smol_e4k2", lambda g: torch.randint(1, 128, (2, 7), generator=g)),
 }
 
 

@@ -23,11 +23,12 @@ from .expert_choice import ExpertChoiceRouter
 from .output import RouterOutput, check_router_input, check_top_k, expand_per_sample, samples_of_tokens
 from .prototype import PrototypeRouter
 from .topk import GatingResidualRouter, NullExpertTopKRouter, TopKRouter
+from .top2_capacity import Top2CapacityRouter
 from .topp import TopPRouter, sparsemixer_eval_multipliers
 from .uncertainty import UncertaintyRouter, probit_calibrate
 
 __all__ = ["ROUTERS", "Router", "RouterOutput", "build_router", "jitter", "register_router", "router_class",
            "router_parameters", "ConditionRouter", "ModalityRouter", "PooledRouter", "next_token_modality_ids",
            "ExpertChoiceRouter", "UnconditionalRouter", "PrototypeRouter", "GatingResidualRouter", "NullExpertTopKRouter", "TopKRouter",
-           "TopPRouter", "sparsemixer_eval_multipliers", "UncertaintyRouter", "probit_calibrate", "check_router_input",
+           "Top2CapacityRouter", "TopPRouter", "sparsemixer_eval_multipliers", "UncertaintyRouter", "probit_calibrate", "check_router_input",
            "check_top_k", "expand_per_sample", "samples_of_tokens"]

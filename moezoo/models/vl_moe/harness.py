@@ -1,0 +1,162 @@
+"""Evaluation harness of ``vl_moe`` (``eval/vl_moe/run.py``): VQA accuracy, a POPE-style probe, MoE-LLaVA's routing
+figures by modality, and generation speed with the KV cache.
+
+- accuracy: greedy answer (first generated word) == annotated answer, on easy-VQA test questions (or LLaVA JSON);
+- POPE-style probe: the yes/no existence questions; accuracy and yes-ratio (0.5 = no yes-bias on easy-VQA's balance);
+- routing (``routing_load.png``, ``routing_modality_preference.png``): per MoE layer, the share of image tokens' and of
+  text tokens' expert assignments that each expert receives, and per expert the fraction of its assignments that come
+  from image tokens (MoE-LLaVA Fig. 5/6 style); the numbers are in the returned dict too;
+- speed: new tokens per second of batched greedy ``generate`` with ``use_cache=True``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .data import _open_image, collate_vqa, prompt_text, VqaDataset
+
+__all__ = ["answer_questions", "vqa_accuracy", "pope_metrics", "routing_by_modality", "plot_routing", "generation_speed",
+           "evaluate_model"]
+
+
+@torch.no_grad()
+def answer_questions(model, processor, samples, batch_size: int = 16, max_new_tokens: int = 3) -> list[str]:
+    """Greedy answers (first generated word, lower-cased) to each sample's question."""
+    tok = processor.tokenizer
+    answers = []
+    model.eval()
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i: i + batch_size]
+        tok.padding_side = "left"
+        inputs = processor(images=[_open_image(s.image) for s in chunk],
+                           text=[prompt_text(processor, s.question) for s in chunk])
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+        for row in tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True):
+            words = row.strip().lower().split()
+            answers.append(words[0].strip(".?!,") if words else "")
+    return answers
+
+
+def vqa_accuracy(model, processor, samples, **kw) -> dict:
+    pred = answer_questions(model, processor, samples, **kw)
+    correct = sum(p == s.answer.lower() for p, s in zip(pred, samples))
+    return {"accuracy": correct / max(len(samples), 1), "n": len(samples)}
+
+
+def pope_metrics(model, processor, probe, **kw) -> dict:
+    pred = answer_questions(model, processor, probe, **kw)
+    acc = sum(p == s.answer for p, s in zip(pred, probe)) / max(len(probe), 1)
+    yes = sum(p == "yes" for p in pred) / max(len(probe), 1)
+    return {"accuracy": acc, "yes_ratio": yes, "gold_yes_ratio": sum(s.answer == "yes" for s in probe) / len(probe),
+            "n": len(probe)}
+
+
+@torch.no_grad()
+def routing_by_modality(model, processor, samples, batch_size: int = 16) -> dict:
+    """Expert assignment counts per MoE layer, split by image (1) and text (0) tokens (padding excluded)."""
+    ds = VqaDataset(samples, processor)
+    model.eval()
+    counts = None
+    for i in range(0, len(ds), batch_size):
+        batch = collate_vqa([ds[j] for j in range(i, min(i + batch_size, len(ds)))], processor.tokenizer.pad_token_id or 0)
+        out = model.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                          attention_mask=batch["attention_mask"])
+        modality = (batch["input_ids"] == model.config.image_token_id).long().reshape(-1)
+        valid = batch["attention_mask"].reshape(-1).bool()
+        ros = out.router_outputs
+        if counts is None:
+            counts = torch.zeros(len(ros), 2, model.config.num_experts)
+        for layer, ro in enumerate(ros):
+            idx = ro.indices
+            for m in (0, 1):
+                sel = idx[valid & (modality == m)]
+                sel = sel[sel < model.config.num_experts]
+                counts[layer, m] += torch.bincount(sel, minlength=model.config.num_experts)[: model.config.num_experts].float()
+    if counts is None:
+        raise ValueError("no samples to route")
+    load = counts / counts.sum(-1, keepdim=True).clamp_min(1)
+    pref = counts[:, 1] / counts.sum(1).clamp_min(1)
+    return {"counts": counts.tolist(), "load_text": load[:, 0].tolist(), "load_image": load[:, 1].tolist(),
+            "image_preference": pref.tolist()}
+
+
+def plot_routing(routing: dict, out_dir: str | Path, title: str = "") -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lt, li = np.array(routing["load_text"]), np.array(routing["load_image"])
+    L, E = lt.shape
+    fig, axes = plt.subplots(1, 2, figsize=(3 + 0.8 * E * 2, 2 + 0.5 * L), sharey=True, constrained_layout=True)
+    for ax, data, name in ((axes[0], li, "image tokens"), (axes[1], lt, "text tokens")):
+        im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0, vmax=max(float(lt.max()), float(li.max()), 1e-6))
+        ax.set_title(f"expert load, {name}")
+        ax.set_xlabel("expert")
+        ax.set_xticks(range(E))
+        ax.set_yticks(range(L))
+    axes[0].set_ylabel("MoE layer (in order)")
+    fig.colorbar(im, ax=axes, shrink=0.8)
+    fig.suptitle(title)
+    p1 = out_dir / "routing_load.png"
+    fig.savefig(p1, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    pref = np.array(routing["image_preference"])
+    fig, ax = plt.subplots(figsize=(3 + 0.8 * E, 2 + 0.5 * L), constrained_layout=True)
+    im = ax.imshow(pref, aspect="auto", cmap="coolwarm", vmin=0, vmax=1)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_xticks(range(E))
+    ax.set_yticks(range(L))
+    ax.set_title("image share of each expert's tokens")
+    fig.colorbar(im, ax=ax)
+    p2 = out_dir / "routing_modality_preference.png"
+    fig.savefig(p2, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return [str(p1), str(p2)]
+
+
+@torch.no_grad()
+def generation_speed(model, processor, samples, batch_size: int = 8, max_new_tokens: int = 16) -> dict:
+    """New tokens per second of greedy generation with the KV cache (``min_new_tokens`` forces the full length)."""
+    tok = processor.tokenizer
+    tok.padding_side = "left"
+    chunk = samples[:batch_size]
+    inputs = processor(images=[_open_image(s.image) for s in chunk], text=[prompt_text(processor, s.question) for s in chunk])
+    model.eval()
+    model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=tok.pad_token_id)  # warm-up
+    t = time.perf_counter()
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+                         use_cache=True, pad_token_id=tok.pad_token_id)
+    dt = time.perf_counter() - t
+    new = (out.shape[1] - inputs["input_ids"].shape[1]) * out.shape[0]
+    return {"tokens_per_s": new / dt, "new_tokens": new, "seconds": dt, "batch_size": len(chunk)}
+
+
+def evaluate_model(model_dir: str | Path, samples, probe, out_dir: str | Path, *, batch_size: int = 16,
+                   speed_tokens: int = 16) -> dict:
+    """Every metric of the harness for one saved model + processor folder; writes ``metrics.json`` and the PNGs."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    out_dir = Path(out_dir)
+    res = {"model_dir": str(model_dir), "router_type": model.config.router_type if model.moe_layers() else "dense",
+           "moe_layers": len(model.moe_layers()), "params": model.parameter_summary()["total"],
+           "active_params": model.parameter_summary()["active"]}
+    res["vqa"] = vqa_accuracy(model, processor, samples, batch_size=batch_size)
+    res["pope"] = pope_metrics(model, processor, probe, batch_size=batch_size)
+    if model.moe_layers():
+        res["routing"] = routing_by_modality(model, processor, samples[: 4 * batch_size], batch_size=batch_size)
+        res["routing_plots"] = plot_routing(res["routing"], out_dir, title=Path(model_dir).name)
+    res["speed"] = generation_speed(model, processor, samples, batch_size=min(8, len(samples)), max_new_tokens=speed_tokens)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(res, indent=2))
+    return res
