@@ -1,6 +1,7 @@
 """Configuration of ``moezoo_lm``: a small decoder-only Mixture-of-Experts causal language model."""
 from __future__ import annotations
 
+from ...core.parallel import base_model_ep_plan
 from ...modeling_utils import MoezooConfig
 
 
@@ -43,11 +44,7 @@ class MoezooLMConfig(MoezooConfig):
         "layers.*.mlp.up_proj": "colwise",
         "layers.*.mlp.down_proj": "rowwise",
     }
-    base_model_ep_plan = {
-        "layers.*.mlp.experts.gate_up_proj": "grouped_gemm",
-        "layers.*.mlp.experts.down_proj": "grouped_gemm",
-        "layers.*.mlp.experts": "ep_dispatch_experts",
-    }
+    base_model_ep_plan = base_model_ep_plan("layers.*.mlp")  # SwiGLU experts without biases (moezoo.core.parallel)
     base_model_pp_plan = {
         "embed_tokens": (["input_ids"], ["inputs_embeds"]),
         "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
