@@ -185,60 +185,18 @@ def load_converted(folder: str | Path) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------------------ reading sources
-def load_state_dict(path: str | Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Read weights from a ``.safetensors`` file, a sharded/unsharded folder, or (``allow_pickle=True``) a pickle."""
-    from safetensors.torch import load_file
-
-    from .safety import PICKLE_SUFFIXES, PickleCheckpointError, pickle_refusal_message
-
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(path.glob("*.safetensors"))
-        if not files:
-            pickles = sorted(p for p in path.iterdir() if p.name.lower().endswith(PICKLE_SUFFIXES))
-            if not pickles:
-                raise ValueError(f"{str(path)!r} holds no weights (*.safetensors, or pickles with allow_pickle=True)")
-            files = pickles
-        state = {}
-        for f in files:
-            state.update(load_state_dict(f, allow_pickle=allow_pickle))
-        return state
-    if not path.is_file():
-        raise ValueError(f"weights file {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    if path.name.lower().endswith(PICKLE_SUFFIXES):
-        if not allow_pickle:
-            raise PickleCheckpointError(pickle_refusal_message(repr(str(path))))
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        for key in ("state_dict", "model", "module"):
-            if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-                obj = obj[key]
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path} does not hold a state dict")
-        return obj
-    raise ValueError(f"unsupported weights file {str(path)!r} (expected .safetensors, or .bin/.pt/.pth with "
-                     "allow_pickle=True)")
-
-
 def convert_block(reference: str, src: str | Path, dst: str | Path, *, config: str | Path | dict | None = None,
                   allow_pickle: bool = False, **options) -> Path:
     """Convert an official block checkpoint with the parity reference's ``convert`` and write ``dst``."""
     from moezoo.parity import get_reference
 
+    from .checkpoints import load_official_checkpoint
+
     mod = get_reference(reference)
     src = Path(src)
-    if config is None:
-        cfg_path = (src if src.is_dir() else src.parent) / "config.json"
-        if not cfg_path.is_file():
-            raise ValueError(f"no config.json next to {str(src)!r}; pass config= (CLI: --config PATH)")
-        config = json.loads(cfg_path.read_text())
-    elif not isinstance(config, dict):
-        config = json.loads(Path(config).read_text())
-    if src.is_dir() and (src / "model.safetensors").is_file():
-        state = load_state_dict(src / "model.safetensors")
-    else:
-        state = load_state_dict(src, allow_pickle=allow_pickle)
+    if config is None and src.exists() and not ((src if src.is_dir() else src.parent) / "config.json").is_file():
+        raise ValueError(f"no config.json next to {str(src)!r}; pass config= (CLI: --config PATH)")
+    config, state = load_official_checkpoint(src, allow_pickle=allow_pickle, config=config)
     module = mod.convert(config, state, **options)
     return save_converted(module, dst, reference=normalize_reference(reference), reference_config=config,
                           source=str(src))

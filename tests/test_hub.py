@@ -175,7 +175,7 @@ def test_pickled_checkpoint_refused_unless_opt_in(model, tmp_path):
 
 
 def test_pickle_files_refused_elsewhere(model, tmp_path):
-    from moezoo.convert import load_state_dict
+    from moezoo.checkpoints import load_state_dict
 
     pt = tmp_path / "weights.pt"
     torch.save({"w": torch.ones(2)}, pt)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import re
 import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,20 +87,6 @@ def strip_prefix(state_dict: dict, anchor: str, what: str) -> dict:
         raise ValueError(f"expected exactly one '*{anchor}' ({what}) in the state_dict, found {keys}")
     prefix = keys[0][: -len(anchor)]
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-
-
-def count_experts(state_dict: dict, prefix: str, leaf: str, *, what: str = "experts",
-                  config_value: int | None = None, config_key: str = "num_experts", allow_empty: bool = False) -> int:
-    """Number E of per-expert modules ``{prefix}<e>.{leaf}`` in an official state_dict, checked to be ids 0..E-1
-    and, when the config states a count (``config_value``), equal to it."""
-    pat = re.compile(re.escape(prefix) + r"(\d+)\." + re.escape(leaf) + "$")
-    ids = sorted({int(m.group(1)) for k in state_dict if (m := pat.match(k))})
-    n = len(ids)
-    if (n == 0 and not allow_empty) or ids != list(range(n)):
-        raise ValueError(f"expected {what} 0..E-1 ('{prefix}<e>.{leaf}') in the state dict, found {ids}")
-    if config_value is not None and int(config_value) != n:
-        raise ValueError(f"config {config_key}={config_value} but the weights hold {n} {what}")
-    return n
 
 
 @dataclass

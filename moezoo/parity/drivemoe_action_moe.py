@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from moezoo.core import MoELayer, build_moe_layer
-from moezoo.parity import count_experts
+from moezoo.checkpoints import count_experts
 from moezoo.core.modules import CameraRouter
 
 REPO = "mr-d-self-driving/DriveMoE"

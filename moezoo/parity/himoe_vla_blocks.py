@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from moezoo.core import MoELayer, build_moe_layer
-from moezoo.parity import count_experts
+from moezoo.checkpoints import count_experts
 from moezoo.core.losses import sequence_balance_loss, switch_balance_loss
 
 REPO = "ZhiyingDu/HiMoE-VLA"

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from moezoo.core import MoELayer, build_moe_layer
-from moezoo.parity import count_experts
+from moezoo.checkpoints import count_experts
 from moezoo.core.losses import modality_balance_loss
 
 REPO = "AlenjandroWang/MoIIE"

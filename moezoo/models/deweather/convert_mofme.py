@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from ...convert import load_state_dict, register_converter
+from ...checkpoints import load_state_dict
+from ...convert import register_converter
 from .configuration_deweather import MoezooDeweatherConfig
 
 ENCODER = "Img_Encoder.vision_transformer."
@@ -196,10 +197,7 @@ def convert_mofme(src, dst, *, config=None, allow_pickle: bool = False, **overri
         config = json.loads(cfg_path.read_text())
     elif not isinstance(config, dict):
         config = json.loads(Path(config).read_text())
-    if src.is_dir() and (src / "model.safetensors").is_file():
-        state = load_state_dict(src / "model.safetensors")
-    else:
-        state = load_state_dict(src, allow_pickle=allow_pickle)
+    state = load_state_dict(src, allow_pickle=allow_pickle)
     model = load_official({k: v for k, v in config.items() if not k.startswith("_")}, state, **overrides)
     model.save_pretrained(dst)
     return dst

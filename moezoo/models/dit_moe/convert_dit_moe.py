@@ -12,13 +12,13 @@ other key is unchanged. ``pretraining_tp`` only splits the official matmuls (sam
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
 
 import torch
 
+from ...checkpoints import load_official_checkpoint
 from ...convert import register_converter
 from .configuration_dit_moe import MoezooDiTMoeConfig
 
@@ -38,50 +38,9 @@ def strip_wrappers(state_dict: dict) -> dict:
 
 
 def load_official(src: str | Path, *, allow_pickle: bool = False, config=None) -> tuple[dict, dict]:
-    """(official config dict, official state_dict) from a folder or a weights file (see the module docstring)."""
-    from ...safety import PICKLE_SUFFIXES, PickleCheckpointError, pickle_refusal_message
-
-    src = Path(src)
-    if not src.exists():
-        raise ValueError(f"SRC {str(src)!r} does not exist (expected a folder with config.json + weights, or a file)")
-    if isinstance(config, (str, Path)):
-        config = json.loads(Path(config).read_text())
-    folder = src if src.is_dir() else src.parent
-    if config is None and (folder / "config.json").is_file():
-        config = json.loads((folder / "config.json").read_text())
-    config = dict(config or {})
-    if src.is_dir():
-        files = sorted(src.glob("*.safetensors"))
-        files = [f for f in files if f.name != "io.safetensors"] or sorted(
-            p for p in src.iterdir() if p.name.lower().endswith(PICKLE_SUFFIXES))
-        if not files:
-            raise ValueError(f"{str(src)!r} holds no weights (*.safetensors, or .pt/.pth with allow_pickle=True)")
-    else:
-        files = [src]
-    state: dict = {}
-    for f in files:
-        if f.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state.update(load_file(str(f)))
-            continue
-        if not f.name.lower().endswith(PICKLE_SUFFIXES):
-            raise ValueError(f"unsupported weights file {str(f)!r} (expected .safetensors, or .pt/.pth)")
-        if not allow_pickle:
-            raise PickleCheckpointError(pickle_refusal_message(repr(str(f))))
-        try:
-            obj = torch.load(str(f), map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - explain the weights_only refusal
-            raise ValueError(f"{f} cannot be read with torch.load(weights_only=True) ({exc}); save its state_dict "
-                             "(e.g. checkpoint['ema']) on its own first") from exc
-        if isinstance(obj, dict):
-            for key in ("ema", "state_dict", "model", "module"):
-                if isinstance(obj.get(key), dict):
-                    obj = obj[key]
-                    break
-        if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
-            raise ValueError(f"{f} does not hold a state dict of tensors")
-        state.update(obj)
+    """(official config dict, official state_dict without DDP / compile wrappers) from a folder or a weights file
+    (:func:`moezoo.checkpoints.load_official_checkpoint`)."""
+    config, state = load_official_checkpoint(src, allow_pickle=allow_pickle, config=config)
     return config, strip_wrappers(state)
 
 

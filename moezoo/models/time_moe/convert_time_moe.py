@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from ...convert import register_converter
-from ...parity import count_experts
+from ...checkpoints import count_experts, load_state_dict
 from .configuration_time_moe import MoezooTimeMoeConfig
 
 # TimeMoeConfig defaults (time_moe/models/configuration_time_moe.py), used for keys a config.json omits
@@ -202,33 +202,6 @@ def build_model(official_config: dict, official_sd: dict, *, label_padding: str 
     return model.eval()
 
 
-def read_official_weights(src: Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Weights of an official folder: ``model.safetensors``, a sharded safetensors index, or (opt-in) pickles."""
-    from safetensors.torch import load_file
-
-    from ...convert import load_state_dict
-
-    src = Path(src)
-    if src.is_file():
-        return load_state_dict(src, allow_pickle=allow_pickle)
-    if not src.is_dir():
-        raise ValueError(f"SRC {str(src)!r} does not exist (expected an official Time-MoE folder)")
-    if (src / "model.safetensors").is_file():
-        return load_file(str(src / "model.safetensors"))
-    for index_name, needs_pickle in (("model.safetensors.index.json", False), ("pytorch_model.bin.index.json", True)):
-        index = src / index_name
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            state = {}
-            for name in files:
-                state.update(load_state_dict(src / name, allow_pickle=allow_pickle if needs_pickle else False))
-            return state
-    if (src / "pytorch_model.bin").is_file():
-        return load_state_dict(src / "pytorch_model.bin", allow_pickle=allow_pickle)
-    raise ValueError(f"{str(src)!r} holds no official weights (model.safetensors, model.safetensors.index.json, or "
-                     "pytorch_model.bin with allow_pickle=True)")
-
-
 @register_converter("time_moe")
 def convert_time_moe(src, dst, *, config=None, allow_pickle: bool = False, label_padding: str = "official",
                      dtype: str = "float32") -> Path:
@@ -251,7 +224,7 @@ def convert_time_moe(src, dst, *, config=None, allow_pickle: bool = False, label
     torch_dtype = getattr(torch, str(dtype).removeprefix("torch."), None)
     if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch dtype name (float32, bfloat16, float16), got {dtype!r}")
-    state = read_official_weights(src, allow_pickle=allow_pickle)
+    state = load_state_dict(src, allow_pickle=allow_pickle)
     model = build_model(official_config, state, label_padding=label_padding, dtype=torch_dtype)
     model.config.architectures = ["MoezooTimeMoeForPrediction"]
     dst.mkdir(parents=True, exist_ok=True)
