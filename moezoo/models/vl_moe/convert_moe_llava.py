@@ -29,9 +29,52 @@ from pathlib import Path
 
 import torch
 
-from ...convert import load_state_dict, register_converter
-from ...parity.moe_llava_block import EXPERTS, GATE, convert_layer_state, router_kwargs
+from ...checkpoints import count_experts, load_state_dict
+from ...convert import register_converter
 from .configuration_vl_moe import MoezooVlMoeConfig
+
+GATE = "deepspeed_moe.gate.wg.weight"
+EXPERTS = "deepspeed_moe.experts.deepspeed_experts."
+
+
+def router_kwargs(config: dict, *, second_expert_sampling: bool = True) -> dict:
+    """The ``top2_capacity`` router options of an official MoE-LLaVA / DeepSpeed MoE config."""
+    k = int(config.get("top_k_experts", config.get("num_experts_per_tok", 2)))
+    if k != 2:
+        raise ValueError(f"MoE-LLaVA's DeepSpeed gate is converted for top-2 only, got top_k_experts={k}")
+    if config.get("use_residual"):
+        raise ValueError("use_residual=True (PR-MoE) is not supported; MoE-LLaVA uses use_residual=False")
+    return dict(capacity_factor=float(config.get("capacity_factor", 1.0)),
+                eval_capacity_factor=float(config.get("eval_capacity_factor", 1.0)),
+                min_capacity=int(config.get("min_capacity", 4)), drop_tokens=bool(config.get("drop_tokens", True)),
+                second_expert_sampling=second_expert_sampling)
+
+
+def convert_layer_state(state_dict: dict, num_experts: int | None = None) -> tuple[dict, dict]:
+    """Official MoE-module keys -> (``MoELayer`` state dict, shape info ``{E, H, I, gated, bias}``)."""
+    E = count_experts(state_dict, EXPERTS, "down_proj.weight" if f"{EXPERTS}0.down_proj.weight" in state_dict
+                      else "fc2.weight", config_value=num_experts)
+    gate = state_dict[GATE]
+    if f"{EXPERTS}0.down_proj.weight" in state_dict:
+        g = torch.stack([state_dict[f"{EXPERTS}{e}.gate_proj.weight"] for e in range(E)])
+        u = torch.stack([state_dict[f"{EXPERTS}{e}.up_proj.weight"] for e in range(E)])
+        d = torch.stack([state_dict[f"{EXPERTS}{e}.down_proj.weight"] for e in range(E)])
+        if any(f"{EXPERTS}{e}.{n}.bias" in state_dict for e in range(E) for n in ("gate_proj", "up_proj", "down_proj")):
+            raise ValueError("biased gated experts are not a MoE-LLaVA form (StableLM / Llama / Qwen MLPs are bias-free)")
+        out = {"gate.weight": gate, "experts.gate_up_proj": torch.cat([g, u], dim=1), "experts.down_proj": d}
+        info = dict(E=E, H=gate.shape[1], I=g.shape[1], gated=True, bias=False)
+    else:  # Phi-2: fc1 / fc2 with biases
+        up = torch.stack([state_dict[f"{EXPERTS}{e}.fc1.weight"] for e in range(E)])
+        out = {"gate.weight": gate, "experts.up_proj": up,
+               "experts.down_proj": torch.stack([state_dict[f"{EXPERTS}{e}.fc2.weight"] for e in range(E)]),
+               "experts.up_proj_bias": torch.stack([state_dict[f"{EXPERTS}{e}.fc1.bias"] for e in range(E)]),
+               "experts.down_proj_bias": torch.stack([state_dict[f"{EXPERTS}{e}.fc2.bias"] for e in range(E)])}
+        info = dict(E=E, H=gate.shape[1], I=up.shape[1], gated=False, bias=True)
+    if gate.shape[0] != E:
+        raise ValueError(f"gate {GATE} has {gate.shape[0]} rows but the checkpoint holds {E} experts")
+    return out, info
+
+
 
 LM_TYPES = {"moe_llava_stablelm": "stablelm", "moe_llava_llama": "llama", "moe_llava_phi": "phi",
             "moe_llava_mistral": "mistral", "moe_llava_qwen1_5": "qwen2", "moe_llava_qwen2": "qwen2",
