@@ -147,14 +147,15 @@ class CoefficientSchedule:
         value: the coefficient after warm-up (and before decay).
         kind: ``"constant"`` (``value`` always), ``"linear_warmup"`` (0 -> ``value`` linearly over ``warmup_steps``,
             then constant) or ``"cosine"`` (optional linear warm-up, then cosine from ``value`` to ``final_value`` over
-            ``decay_steps``, then ``final_value``).
+            ``decay_steps``, then ``final_value``) or ``"linear_decay"`` (optional linear warm-up, then linear from
+            ``value`` to ``final_value`` over ``decay_steps``, then ``final_value``; UniMoE-Audio's aux-loss weight).
         warmup_steps: linear warm-up length (``linear_warmup`` needs > 0; optional for ``cosine``).
         decay_steps: cosine length after warm-up (``cosine`` only).
         final_value: the value the cosine ends at.
         start_value: the value warm-up starts from (0 by default).
     """
 
-    KINDS = ("constant", "linear_warmup", "cosine")
+    KINDS = ("constant", "linear_warmup", "cosine", "linear_decay")
 
     def __init__(self, value: float, kind: str = "constant", *, warmup_steps: int = 0, decay_steps: int | None = None,
                  final_value: float = 0.0, start_value: float = 0.0):
@@ -164,8 +165,8 @@ class CoefficientSchedule:
             raise ValueError(f"warmup_steps must be a non-negative int, got {warmup_steps!r}")
         if kind == "linear_warmup" and warmup_steps == 0:
             raise ValueError("kind='linear_warmup' needs warmup_steps > 0")
-        if kind == "cosine" and (not isinstance(decay_steps, int) or decay_steps <= 0):
-            raise ValueError(f"kind='cosine' needs decay_steps, a positive int; got {decay_steps!r}")
+        if kind in ("cosine", "linear_decay") and (not isinstance(decay_steps, int) or decay_steps <= 0):
+            raise ValueError(f"kind={kind!r} needs decay_steps, a positive int; got {decay_steps!r}")
         self.value, self.kind, self.warmup_steps = float(value), kind, warmup_steps
         self.decay_steps, self.final_value, self.start_value = decay_steps, float(final_value), float(start_value)
 
@@ -179,6 +180,8 @@ class CoefficientSchedule:
         if self.kind == "linear_warmup":
             return self.value
         t = min(step - self.warmup_steps, self.decay_steps) / self.decay_steps
+        if self.kind == "linear_decay":
+            return self.value - (self.value - self.final_value) * t
         return self.final_value + 0.5 * (self.value - self.final_value) * (1.0 + math.cos(math.pi * t))
 
     def __repr__(self) -> str:

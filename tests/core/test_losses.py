@@ -232,9 +232,13 @@ def test_coefficient_schedules():
     vals = [cos(s) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(vals, vals[1:]))  # monotone decay
     assert "cosine" in repr(cos)
+    lin = CoefficientSchedule(0.025, "linear_decay", decay_steps=10000, final_value=0.001)  # UniMoE-Audio aux weight
+    assert lin(0) == 0.025 and math.isclose(lin(4000), 0.0154) and math.isclose(lin(10000), 0.001)
+    assert math.isclose(lin(10 ** 6), 0.001)
     for kwargs, match in ((dict(value=1.0, kind="step"), "kind"),
                           (dict(value=1.0, kind="linear_warmup"), "warmup_steps > 0"),
                           (dict(value=1.0, kind="cosine"), "decay_steps"),
+                          (dict(value=1.0, kind="linear_decay"), "decay_steps"),
                           (dict(value=1.0, warmup_steps=-1), "warmup_steps")):
         with pytest.raises(ValueError, match=match):
             CoefficientSchedule(**kwargs)
