@@ -1,5 +1,6 @@
 """``audio_moe``: UniMoE-Audio-style dynamic-capacity MoE language models over text and audio-codec tokens."""
 from ...registry import register_family, register_model
+from .codec import AudioCodec
 from .configuration_audio_moe import MoezooAudioMoeConfig
 from .modeling_audio_moe import (DelayPatternLogitsProcessor, MoezooAudioMoeCausalLMOutput, MoezooAudioMoeForCausalLM,
                                  MoezooAudioMoeModel, MoezooAudioMoeModelOutput, MoezooAudioMoePreTrainedModel,
@@ -52,6 +53,6 @@ def audio_moe_small_e8k2_official(config):
     return MoezooAudioMoeForCausalLM(config)
 
 
-__all__ = ["MoezooAudioMoeConfig", "MoezooAudioMoeModel", "MoezooAudioMoeForCausalLM", "MoezooAudioMoePreTrainedModel",
+__all__ = ["AudioCodec", "MoezooAudioMoeConfig", "MoezooAudioMoeModel", "MoezooAudioMoeForCausalLM", "MoezooAudioMoePreTrainedModel",
            "MoezooAudioMoeCausalLMOutput", "MoezooAudioMoeModelOutput", "DelayPatternLogitsProcessor",
            "official_to_flat", "flat_from_parts", "split_flat", "apply_delay", "undo_delay"]
