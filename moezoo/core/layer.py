@@ -126,15 +126,25 @@ class MoELayer(nn.Module):
         # routed experts (+ the unconditional expert); not experts.num_experts, which expert parallelism makes local
         E = self.num_experts + int(self.unconditional_expert)
         routed = idx < E
+        if idx.shape[-1] > 1:
+            # dynamic-k routers (top-p) pad every token to the widest possible selection; slots that no token fills
+            # with an FFN expert (sentinel / zero-FLOP ids) would only add dispatch work, so the experts skip them
+            live = routed.any(0)
+            if not bool(live.all()):
+                idx_e, w_e, routed_e = idx[:, live], w[:, live], routed[:, live]
+            else:
+                idx_e, w_e, routed_e = idx, w, routed
+        else:
+            idx_e, w_e, routed_e = idx, w, routed
         impl = getattr(self.experts.config, "_experts_implementation", None)
         # transformers' expert parallelism (``_is_expert_parallel``, set by its "grouped_gemm" style) counts tokens per
         # global expert id, so sentinels must not reach it (moezoo.core.parallel)
         if impl in _SENTINEL_AWARE and not getattr(self.experts, "_is_expert_parallel", False):
-            ridx = torch.where(routed, idx, E)
-            rw = w
+            ridx = torch.where(routed_e, idx_e, E)
+            rw = w_e
         else:  # transformers' kernels: point empty slots at expert 0 with weight 0
-            ridx = torch.where(routed, idx, 0)
-            rw = torch.where(routed, w, torch.zeros((), dtype=w.dtype, device=w.device))
+            ridx = torch.where(routed_e, idx_e, 0)
+            rw = torch.where(routed_e, w_e, torch.zeros((), dtype=w.dtype, device=w.device))
         out = self.experts(xe, ridx, rw.to(xe.dtype))
         if self.zero_flop.has_output:
             out = out + self.zero_flop(xe, idx, w)
