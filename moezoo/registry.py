@@ -74,9 +74,14 @@ class ModelEntry:
 
     @property
     def experts_and_k(self) -> tuple[int, int] | None:
-        """(E, K) written in the name (``..._e8k2``), or None."""
+        """(E, K): written in the name (``..._e8k2``), else the config's ``num_experts`` / ``num_experts_per_tok``
+        (e.g. ``time_moe_50m``); None for a model without routed experts."""
         m = EK_RE.search(self.name)
-        return (int(m.group(1)), int(m.group(2))) if m else None
+        if m:
+            return int(m.group(1)), int(m.group(2))
+        config = self.make_config()
+        e, k = getattr(config, "num_experts", None), getattr(config, "num_experts_per_tok", None)
+        return (e, k) if isinstance(e, int) and isinstance(k, int) and e > 0 else None
 
 
 _FAMILIES: dict[str, FamilyEntry] = {}

@@ -44,10 +44,9 @@ def test_tiny_config_keeps_moe(name):
     assert config.num_experts > config.num_experts_per_tok, "tiny config must keep num_experts > top_k"
     model = moezoo.create_model(name, tiny=True)
     assert len(model.moe_layers()) >= 2, "tiny config must keep at least two MoE layers"
-    ek = entry.experts_and_k
-    if ek is not None:  # the e<E>k<K> in the name matches the full config
-        full = moezoo.get_model_config(name)
-        assert (full.num_experts, full.num_experts_per_tok) == ek
+    ek = entry.experts_and_k  # what `moezoo list` shows as E/k: from e<E>k<K> in the name, else the config
+    full = moezoo.get_model_config(name)
+    assert ek == (full.num_experts, full.num_experts_per_tok), f"{name}: E/k {ek} vs its config"
     assert registry.NAME_RE.match(name)
 
 
@@ -204,3 +203,4 @@ def test_readme_has_the_two_commands_and_speed_section():
     text = (ROOT / "README.md").read_text()
     assert "bash scripts/run.sh demo" in text and "bash scripts/test.sh" in text
     assert re.search(r"^## Speed$", text, re.MULTILINE)
+

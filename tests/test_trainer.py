@@ -157,11 +157,13 @@ def test_yaml_config_and_typed_overrides(tmp_path):
 
 def test_lr_schedule_values():
     kw = dict(max_steps=10, warmup_steps=2, min_lr_ratio=0.1)
-    assert lr_factor(0, **kw) == 0.5 and lr_factor(1, **kw) == 1.0 and lr_factor(2, **kw) == 1.0
+    # transformers' warm-up: step s < warmup uses s / warmup of the peak, raised to min_lr_ratio
+    assert lr_factor(0, **kw) == pytest.approx(0.1) and lr_factor(1, **kw) == pytest.approx(0.55)
+    assert lr_factor(2, **kw) == 1.0 and lr_factor(0, max_steps=10, warmup_steps=2) == 0.0
     assert lr_factor(10, **kw) == pytest.approx(0.1) and lr_factor(6, **kw) == pytest.approx(0.55)
     assert lr_factor(6, schedule="linear", **kw) == pytest.approx(0.55)
     assert lr_factor(7, schedule="linear", **kw) == pytest.approx(0.1 + 0.9 * 3 / 8)
-    assert lr_factor(9, schedule="constant", **kw) == 1.0
+    assert lr_factor(9, schedule="constant", **kw) == 1.0 and lr_factor(1, schedule="constant", **kw) == 0.5
 
 
 # ---------------------------------------------------------------------------------------------------------- training
@@ -341,7 +343,13 @@ def test_atomic_checkpoints_leftovers_rotation_and_contents(tmp_path):
                 callbacks=[KillAfterSave(3)]).train()
     ck = tmp_path / "checkpoint-3"
     state = torch.load(ck / "trainer_state.pt", weights_only=True)
-    assert state["step"] == 3 and len(state["loss_history"]) == 3 and {"python", "numpy", "torch"} <= state["rng"].keys()
+    assert state["step"] == 3 and len(state["loss_history"]) == 3
+    # accelerate's files: optimizer / scheduler / RNG states, all loadable without pickle (NumPy arrays allow-listed)
+    from accelerate.utils.other import load
+
+    rng = load(ck / "random_states_0.pkl")  # weights_only=True
+    assert {"random_state", "numpy_random_seed", "torch_manual_seed"} <= rng.keys()
+    assert load(ck / "optimizer.bin")["state"] and load(ck / "scheduler.bin")["last_epoch"] == 3
     assert json.loads((ck / "trainer_config.json").read_text())["save_every"] == 3
     assert (ck / "model.safetensors").is_file() and (ck / "ema" / "model.safetensors").is_file()
     # a checkpoint write killed halfway, and a folder without trainer state, are both ignored
@@ -361,6 +369,23 @@ def test_atomic_checkpoints_leftovers_rotation_and_contents(tmp_path):
     assert tr.step == 5
     tr = Trainer(MLP(), cfg(tmp_path, resume="never", overwrite_output_dir=True), data, loss_fn=mse_loss)
     assert tr.step == 0 and find_checkpoints(tmp_path) == []
+
+
+class NotAllowed:
+    """A class torch's weights_only unpickler refuses."""
+
+
+def test_unsafe_or_missing_rng_state_is_refused_not_skipped(tmp_path):
+    # accelerate's load_state swallows any error while restoring RNG states; the Trainer must not resume silently
+    torch.manual_seed(0)
+    Trainer(MLP(), cfg(tmp_path, max_steps=2, save_every=2), Regression(n=16), loss_fn=mse_loss).train()
+    rng_file = tmp_path / "checkpoint-2" / "random_states_0.pkl"
+    torch.save({"torch_manual_seed": torch.get_rng_state(), "payload": NotAllowed()}, rng_file)
+    with pytest.raises(RuntimeError, match="weights_only"):
+        Trainer(MLP(), cfg(tmp_path, max_steps=3), Regression(n=16), loss_fn=mse_loss)
+    rng_file.unlink()
+    with pytest.raises(FileNotFoundError, match="RNG state"):
+        Trainer(MLP(), cfg(tmp_path, max_steps=3), Regression(n=16), loss_fn=mse_loss)
 
 
 def test_ema_matches_hand_computed(tmp_path):

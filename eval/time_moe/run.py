@@ -58,7 +58,8 @@ def _contexts(text: str | None):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--csv", default=None, help=f"ETT-layout CSV/parquet (default {DEFAULT_CSV})")
+    p.add_argument("--csv", default=None, help=f"ETT-layout CSV/parquet, e.g. ETTh1.csv of the ETDataset repository "
+                   f"(zhouhaoyi/ETDataset, ETT-small/); default {DEFAULT_CSV}")
     p.add_argument("--model", default="time_moe_tiny_e4k2", help="registry name or save_pretrained folder")
     p.add_argument("--tiny", action="store_true", help="use the registry name's tiny variant")
     p.add_argument("--mode", choices=("auto", "zero_shot", "finetune"), default="auto",
@@ -91,7 +92,9 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     csv = Path(args.csv) if args.csv else DEFAULT_CSV
     if not csv.is_file():
-        raise SystemExit(f"error: --csv {str(csv)!r} does not exist (pass an ETT-layout CSV)")
+        raise SystemExit(f"error: --csv {str(csv)!r} does not exist. Pass an ETT-layout CSV (a 'date' column then the "
+                         f"variables, e.g. ETT-small/ETTh1.csv from the ETDataset repository, zhouhaoyi/ETDataset on "
+                         f"GitHub); beside a moezoo clone it is at ../shared/data/ett/ETTh1.csv")
     kw = {"model": args.model, "tiny": args.tiny, "mode": args.mode, "normalize": args.normalize,
           "seed": args.seed, "progress": not args.no_progress, "threads": args.threads,
           "baselines": tuple(b for b in args.baselines.split(",") if b)}

@@ -347,9 +347,12 @@ def build_weather_set(root: str | os.PathLike, config: WeatherSetConfig | None =
                                  "source": name, "weather": weather, "label": weather_label(weather),
                                  "variant": variant, "seed": seed, "crops": crops})
         (tmp / "index.json").write_text(json.dumps(index, indent=1) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if (final / "index.json").is_file() and not force:
+            pass  # another process (a second rank of the same launch) finished first: same bytes, keep what it reads
+        else:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ...core.fme import FME_IMPLEMENTATIONS
+from ...core.parallel import base_model_ep_plan
 from ...modeling_utils import MoezooConfig
 
 EXPERT_TYPES = ("fme", "ffn")
@@ -48,6 +49,12 @@ class MoezooDeweatherConfig(MoezooConfig):
     """
 
     model_type = "moezoo_deweather"
+
+    @property
+    def base_model_ep_plan(self) -> dict[str, str] | None:
+        """transformers' expert-parallel plan (``expert_type="ffn"``: GELU experts ``up_proj`` with biases); MoFME's
+        FiLM experts (``"fme"``) share one basenet and are not sharded over experts."""
+        return base_model_ep_plan("layers.*.mlp", gated=False, bias=True) if self.expert_type == "ffn" else None
 
     image_size: int | list[int] = 64
     in_channels: int = 3

@@ -1,6 +1,7 @@
 """Configuration of ``moezoo_dit_moe``: class-conditional diffusion transformers with MoE FFNs (DiT-MoE, ProMoE)."""
 from __future__ import annotations
 
+from ...core.parallel import base_model_ep_plan
 from ...modeling_utils import MoezooConfig
 
 
@@ -47,11 +48,11 @@ class MoezooDiTMoeConfig(MoezooConfig):
 
     model_type = "moezoo_dit_moe"
 
-    base_model_ep_plan = {
-        "blocks.*.mlp.experts.gate_up_proj": "grouped_gemm",
-        "blocks.*.mlp.experts.down_proj": "grouped_gemm",
-        "blocks.*.mlp.experts": "ep_dispatch_experts",
-    }
+    @property
+    def base_model_ep_plan(self) -> dict[str, str]:
+        """transformers' expert-parallel plan, derived from the expert layout (DiT-MoE: ``gate_up_proj``; ProMoE:
+        ``up_proj`` with per-expert biases)."""
+        return base_model_ep_plan("blocks.*.mlp", gated=self.gated_experts, bias=self.expert_bias)
 
     sample_size: int = 32
     in_channels: int = 4

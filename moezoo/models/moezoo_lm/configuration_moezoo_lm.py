@@ -1,6 +1,7 @@
 """Configuration of ``moezoo_lm``: a small decoder-only Mixture-of-Experts causal language model."""
 from __future__ import annotations
 
+from ...core.parallel import base_model_ep_plan
 from ...modeling_utils import MoezooConfig
 
 
@@ -25,7 +26,7 @@ class MoezooLMConfig(MoezooConfig):
     """
 
     model_type = "moezoo_lm"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
     default_theta = 10000.0
 
     # tensor / expert / pipeline parallel plans, mirroring transformers' Qwen3-MoE / Mixtral (transformers 5.23)
@@ -43,11 +44,7 @@ class MoezooLMConfig(MoezooConfig):
         "layers.*.mlp.up_proj": "colwise",
         "layers.*.mlp.down_proj": "rowwise",
     }
-    base_model_ep_plan = {
-        "layers.*.mlp.experts.gate_up_proj": "grouped_gemm",
-        "layers.*.mlp.experts.down_proj": "grouped_gemm",
-        "layers.*.mlp.experts": "ep_dispatch_experts",
-    }
+    base_model_ep_plan = base_model_ep_plan("layers.*.mlp")  # SwiGLU experts without biases (moezoo.core.parallel)
     base_model_pp_plan = {
         "embed_tokens": (["input_ids"], ["inputs_embeds"]),
         "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),

@@ -14,14 +14,14 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
 from ...core.experts import SharedExpert
 from ...core.layer import MoELayer
+from ...cache_compat import cache_kwargs, causal_mask, output_cache, resolve_cache
 from ...core.routers import RouterOutput
 from ...modeling_utils import MoezooPreTrainedModel
 from ...modeling_layers import RMSNorm as MoezooLMRMSNorm, apply_rope, eager_attention
@@ -29,45 +29,27 @@ from .configuration_moezoo_lm import MoezooLMConfig
 
 
 @dataclass
-class MoezooLMModelOutput(ModelOutput):
-    """Base model output.
+class MoezooLMModelOutput(MoeModelOutputWithPast):
+    """transformers' ``MoeModelOutputWithPast`` (``last_hidden_state``, the KV cache under transformers' current name,
+    ``hidden_states``, ``attentions``, ``router_logits`` (one (B*S, R) tensor per MoE layer)) plus:
 
     Attributes:
-        last_hidden_state: (B, S, H) after the final norm.
-        past_key_values: the KV cache (when ``use_cache``).
-        hidden_states: embeddings + each layer's output (when ``output_hidden_states``).
-        attentions: per-layer attention weights (when ``output_attentions`` and eager attention).
-        router_logits: one (B*S, R) tensor per MoE layer (when ``output_router_logits``).
         router_outputs: the full :class:`moezoo.core.RouterOutput` of every MoE layer (used for the aux loss / stats).
     """
 
-    last_hidden_state: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
-    router_logits: tuple[torch.FloatTensor, ...] | None = None
     router_outputs: tuple[RouterOutput, ...] | None = None
 
 
 @dataclass
-class MoezooLMCausalLMOutput(ModelOutput):
-    """Causal LM output.
+class MoezooLMCausalLMOutput(MoeCausalLMOutputWithPast):
+    """transformers' ``MoeCausalLMOutputWithPast`` (``loss`` = next-token CE + ``aux_loss`` when ``labels`` are given;
+    ``aux_loss`` = ``router_aux_loss_coef * switch balance + router_z_loss_coef * z-loss``; ``logits`` (B, S, V); the
+    KV cache under transformers' current name; ``router_logits``) plus:
 
     Attributes:
-        loss: next-token cross-entropy + ``aux_loss`` (only when ``labels`` are given).
-        aux_loss: ``router_aux_loss_coef * switch balance + router_z_loss_coef * z-loss`` over the MoE layers.
-        logits: (B, S, V).
-        router_logits: one (B*S, R) tensor per MoE layer.
         router_outputs: the full :class:`moezoo.core.RouterOutput` of every MoE layer.
     """
 
-    loss: torch.FloatTensor | None = None
-    aux_loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
-    router_logits: tuple[torch.FloatTensor, ...] | None = None
     router_outputs: tuple[RouterOutput, ...] | None = None
 
 
@@ -126,7 +108,7 @@ class MoezooLMAttention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                attention_mask: torch.Tensor | None, past_key_values: Cache | None = None, **kwargs):
+                attention_mask: torch.Tensor | None, cache: Cache | None = None, **kwargs):
         lead = hidden_states.shape[:-1]
         shape = (*lead, -1, self.head_dim)
         q = self.q_proj(hidden_states).view(shape)
@@ -135,8 +117,8 @@ class MoezooLMAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), *position_embeddings)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
                                                                               eager_attention)
         out, weights = attention_interface(self, q, k, v, attention_mask,
@@ -162,10 +144,10 @@ class MoezooLMDecoderLayer(GradientCheckpointingLayer):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-                past_key_values: Cache | None = None, use_cache: bool | None = False, **kwargs):
+                cache: Cache | None = None, use_cache: bool | None = False, **kwargs):
         residual = hidden_states
         h, attn = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask,
-                                 past_key_values=past_key_values, **kwargs)
+                                 cache=cache, **kwargs)
         hidden_states = residual + h
         residual = hidden_states
         h = self.post_attention_layernorm(hidden_states)
@@ -206,11 +188,13 @@ class MoezooLMModel(MoezooLMPreTrainedModel):
         self.embed_tokens = value
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
+                position_ids: torch.LongTensor | None = None, cache: Cache | None = None,
                 inputs_embeds: torch.FloatTensor | None = None, use_cache: bool | None = None,
                 output_attentions: bool | None = None, output_hidden_states: bool | None = None,
                 output_router_logits: bool | None = None, return_dict: bool | None = None,
-                **kwargs) -> MoezooLMModelOutput:
+                past_key_values: Cache | None = None, **kwargs) -> MoezooLMModelOutput:
+        """``cache``: a transformers ``Cache`` to read and extend (``past_key_values`` is accepted as its old name)."""
+        cache = resolve_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
@@ -221,27 +205,24 @@ class MoezooLMModel(MoezooLMPreTrainedModel):
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if self.gradient_checkpointing and self.training and use_cache:
             use_cache = False
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        if not use_cache and past_key_values is not None and not isinstance(past_key_values, Cache):
-            past_key_values = None
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if inputs_embeds is None:
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
             inputs_embeds = self.embed_tokens(input_ids)
         if position_ids is None:
-            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past).unsqueeze(0)
-        causal_mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                         past_key_values=past_key_values, position_ids=position_ids)
+        mask = causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         all_hidden = (hidden_states,) if output_hidden_states else None
         all_attn = () if output_attentions else None
         router_outputs = []
         for layer in self.layers:
-            hidden_states, ro, attn = layer(hidden_states, attention_mask=causal_mask,
-                                            position_embeddings=position_embeddings, past_key_values=past_key_values,
+            hidden_states, ro, attn = layer(hidden_states, attention_mask=mask,
+                                            position_embeddings=position_embeddings, cache=cache,
                                             use_cache=use_cache, **kwargs)
             if ro is not None:
                 router_outputs.append(ro)
@@ -254,7 +235,7 @@ class MoezooLMModel(MoezooLMPreTrainedModel):
             all_hidden = all_hidden[:-1] + (hidden_states,)
         result = MoezooLMModelOutput(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
+            **cache_kwargs(cache if use_cache else None),
             hidden_states=all_hidden,
             attentions=all_attn,
             router_logits=tuple(ro.logits for ro in router_outputs) if output_router_logits else None,
@@ -290,17 +271,20 @@ class MoezooLMForCausalLM(MoezooLMPreTrainedModel, GenerationMixin):
         self.lm_head = value
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
+                position_ids: torch.LongTensor | None = None, cache: Cache | None = None,
                 inputs_embeds: torch.FloatTensor | None = None, labels: torch.LongTensor | None = None,
                 use_cache: bool | None = None, output_attentions: bool | None = None,
                 output_hidden_states: bool | None = None, output_router_logits: bool | None = None,
                 return_dict: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
-                **kwargs) -> MoezooLMCausalLMOutput:
-        """Next-token logits; with ``labels`` (B, S) (``-100`` ignored, shifted inside) also the loss."""
+                past_key_values: Cache | None = None, **kwargs) -> MoezooLMCausalLMOutput:
+        """Next-token logits; with ``labels`` (B, S) (``-100`` ignored, shifted inside) also the loss.
+
+        ``cache``: a transformers ``Cache`` (``past_key_values`` is accepted as its old name, not both)."""
+        cache = resolve_cache(cache, past_key_values)
         output_router_logits = (output_router_logits if output_router_logits is not None
                                 else self.config.output_router_logits)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                          output_router_logits=output_router_logits, **kwargs)
         h = out.last_hidden_state
@@ -317,7 +301,7 @@ class MoezooLMForCausalLM(MoezooLMPreTrainedModel, GenerationMixin):
             if aux_loss is not None:
                 loss = loss + aux_loss.to(loss.device)
         result = MoezooLMCausalLMOutput(loss=loss, aux_loss=aux_loss, logits=logits,
-                                        past_key_values=out.past_key_values, hidden_states=out.hidden_states,
+                                        **cache_kwargs(output_cache(out)), hidden_states=out.hidden_states,
                                         attentions=out.attentions, router_logits=out.router_logits,
                                         router_outputs=out.router_outputs)
         return result if return_dict is not False else result.to_tuple()

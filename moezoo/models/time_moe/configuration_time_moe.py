@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 
+from ...core.parallel import base_model_ep_plan
 from ...modeling_utils import MoezooConfig
 
 LABEL_PADDING = ("exclude", "official")
@@ -43,7 +44,7 @@ class MoezooTimeMoeConfig(MoezooConfig):
     """
 
     model_type = "moezoo_time_moe"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     base_model_tp_plan = {
         "layers.*.self_attn.q_proj": "colwise",
@@ -54,11 +55,7 @@ class MoezooTimeMoeConfig(MoezooConfig):
         "layers.*.mlp.experts.down_proj": "rowwise",
         "layers.*.mlp.experts": "moe_tp_experts",
     }
-    base_model_ep_plan = {
-        "layers.*.mlp.experts.gate_up_proj": "grouped_gemm",
-        "layers.*.mlp.experts.down_proj": "grouped_gemm",
-        "layers.*.mlp.experts": "ep_dispatch_experts",
-    }
+    base_model_ep_plan = base_model_ep_plan("layers.*.mlp")  # SwiGLU experts without biases (moezoo.core.parallel)
 
     input_size: int = 1
     hidden_size: int = 384

@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
+from ...cache_compat import cache_kwargs, causal_mask, output_cache, resolve_cache
 from ...core.experts import SharedExpert, get_activation
 from ...core.layer import MoELayer
 from ...core.losses import switch_balance_loss
@@ -35,47 +35,32 @@ from .configuration_time_moe import MoezooTimeMoeConfig
 
 
 @dataclass
-class MoezooTimeMoeModelOutput(ModelOutput):
-    """Base model output.
+class MoezooTimeMoeModelOutput(MoeModelOutputWithPast):
+    """transformers' ``MoeModelOutputWithPast``: ``last_hidden_state`` (B, T, H) after the final norm, the KV cache
+    under transformers' current name, ``hidden_states`` (embeddings + each layer's output, the last one after the final
+    norm: official convention), ``attentions``, ``router_logits`` (one (B*T, E) tensor per MoE layer), plus:
 
     Attributes:
-        last_hidden_state: (B, T, H) after the final norm.
-        past_key_values: the KV cache (when ``use_cache``).
-        hidden_states: embeddings + each layer's output, the last one after the final norm (official convention;
-            when ``output_hidden_states``).
-        attentions: per-layer attention weights (eager attention and ``output_attentions``).
-        router_logits: one (B*T, E) tensor per MoE layer (when ``output_router_logits``).
         router_outputs: the :class:`moezoo.core.RouterOutput` of every MoE layer.
     """
 
-    last_hidden_state: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
-    router_logits: tuple[torch.FloatTensor, ...] | None = None
     router_outputs: tuple[RouterOutput, ...] | None = None
 
 
 @dataclass
-class MoezooTimeMoeOutput(ModelOutput):
-    """Prediction output.
+class MoezooTimeMoeOutput(MoeCausalLMOutputWithPast):
+    """transformers' ``MoeCausalLMOutputWithPast`` for forecasting:
+
+    - ``loss``: mean over the horizon heads of the Huber loss + ``aux_loss`` (only when ``labels`` are given);
+    - ``aux_loss``: ``router_aux_loss_coef`` x switch balance loss over the MoE layers (None for dense models);
+    - ``logits``: (B, T, h * input_size): the first head's predictions when ``labels`` are given (official), else the
+      head chosen for ``max_horizon_length`` (position t predicts points t+1..t+h, horizon-major);
+    - the KV cache under transformers' current name, ``hidden_states``, ``attentions``, ``router_logits``;
 
     Attributes:
-        loss: mean over the horizon heads of the Huber loss + ``aux_loss`` (only when ``labels`` are given).
-        aux_loss: ``router_aux_loss_coef`` x switch balance loss over the MoE layers (None for dense models).
-        logits: (B, T, h * input_size): the first head's predictions when ``labels`` are given (official), else the
-            head chosen for ``max_horizon_length`` (position t predicts points t+1..t+h, horizon-major).
-        router_logits: one (B*T, E) tensor per MoE layer.
         router_outputs: the full :class:`moezoo.core.RouterOutput` of every MoE layer.
     """
 
-    loss: torch.FloatTensor | None = None
-    aux_loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
-    router_logits: tuple[torch.FloatTensor, ...] | None = None
     router_outputs: tuple[RouterOutput, ...] | None = None
 
 
@@ -120,14 +105,14 @@ class MoezooTimeMoeAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                attention_mask: torch.Tensor | None, past_key_values: Cache | None = None, **kwargs):
+                attention_mask: torch.Tensor | None, cache: Cache | None = None, **kwargs):
         B, T, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, k, *position_embeddings)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
                                                                               eager_attention)
         out, weights = attention_interface(self, q, k, v, attention_mask,
@@ -153,9 +138,9 @@ class MoezooTimeMoeDecoderLayer(GradientCheckpointingLayer):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-                past_key_values: Cache | None = None, **kwargs):
+                cache: Cache | None = None, **kwargs):
         h, attn = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask,
-                                 past_key_values=past_key_values, **kwargs)
+                                 cache=cache, **kwargs)
         hidden_states = hidden_states + h
         h = self.post_attention_layernorm(hidden_states)
         router_output = None
@@ -216,13 +201,15 @@ class MoezooTimeMoeModel(MoezooTimeMoePreTrainedModel):
         self.embed_layer = value
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
+                position_ids: torch.LongTensor | None = None, cache: Cache | None = None,
                 inputs_embeds: torch.FloatTensor | None = None, use_cache: bool | None = None,
                 output_attentions: bool | None = None, output_hidden_states: bool | None = None,
                 output_router_logits: bool | None = None, return_dict: bool | None = None,
-                **kwargs) -> MoezooTimeMoeModelOutput:
+                past_key_values: Cache | None = None, **kwargs) -> MoezooTimeMoeModelOutput:
         """``input_ids``: (B, T) or (B, T, input_size) real values (not token ids). ``attention_mask`` (B, past + T):
-        1 = real point, 0 = padding; without ``position_ids`` positions count real points only (left padding)."""
+        1 = real point, 0 = padding; without ``position_ids`` positions count real points only (left padding).
+        ``cache``: a transformers ``Cache`` (``past_key_values`` is accepted as its old name, not both)."""
+        cache = resolve_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         cfg = self.config
@@ -232,10 +219,8 @@ class MoezooTimeMoeModel(MoezooTimeMoePreTrainedModel):
         use_cache = use_cache if use_cache is not None else cfg.use_cache
         if self.gradient_checkpointing and self.training and use_cache:
             use_cache = False
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=cfg)
-        if not use_cache and past_key_values is not None and not isinstance(past_key_values, Cache):
-            past_key_values = None
+        if use_cache and cache is None:
+            cache = DynamicCache(config=cfg)
         if inputs_embeds is None:
             x = as_series_tensor(input_ids, cfg.input_size, dtype=self.embed_layer.emb_layer.weight.dtype)
             if not torch.isfinite(x).all():
@@ -243,7 +228,7 @@ class MoezooTimeMoeModel(MoezooTimeMoePreTrainedModel):
                                  "(model.forecast(..., nan_policy='interpolate') does this)")
             inputs_embeds = self.embed_layer(x)
         B, T = inputs_embeds.shape[:2]
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past = cache.get_seq_length() if cache is not None else 0
         if attention_mask is not None:
             if attention_mask.dim() != 2 or attention_mask.shape[0] != B \
                     or attention_mask.shape[1] not in (T, past + T):
@@ -256,17 +241,15 @@ class MoezooTimeMoeModel(MoezooTimeMoePreTrainedModel):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -T:]
             else:
                 position_ids = (torch.arange(T, device=inputs_embeds.device) + past).unsqueeze(0).expand(B, -1)
-        causal_mask = create_causal_mask(config=cfg, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                         past_key_values=past_key_values, position_ids=position_ids)
+        mask = causal_mask(cfg, inputs_embeds, attention_mask, cache, position_ids)
         hidden_states = inputs_embeds
         position_embeddings = rope_tables(position_ids, cfg.head_dim, cfg.rope_theta, hidden_states.dtype)
         all_hidden = (hidden_states,) if output_hidden_states else None
         all_attn = () if output_attentions else None
         router_outputs = []
         for layer in self.layers:
-            hidden_states, ro, attn = layer(hidden_states, attention_mask=causal_mask,
-                                            position_embeddings=position_embeddings,
-                                            past_key_values=past_key_values, **kwargs)
+            hidden_states, ro, attn = layer(hidden_states, attention_mask=mask,
+                                            position_embeddings=position_embeddings, cache=cache, **kwargs)
             if ro is not None:
                 router_outputs.append(ro)
             if output_attentions:
@@ -278,7 +261,7 @@ class MoezooTimeMoeModel(MoezooTimeMoePreTrainedModel):
             all_hidden = all_hidden[:-1] + (hidden_states,)
         result = MoezooTimeMoeModelOutput(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
+            **cache_kwargs(cache if use_cache else None),
             hidden_states=all_hidden,
             attentions=all_attn,
             router_logits=tuple(ro.logits for ro in router_outputs) if output_router_logits else None,
@@ -308,14 +291,18 @@ def ts_decode(model, input_ids: torch.Tensor, logits_processor=None, stopping_cr
         raise ValueError(f"nothing to forecast: max_length={max_length} <= context length {T}; pass max_new_tokens")
     use_cache = model_kwargs.get("use_cache")
     use_cache = model.config.use_cache if use_cache is None else use_cache
-    cache = model_kwargs.get("past_key_values") if use_cache else None
+    cache = resolve_cache(model_kwargs.get("cache"), model_kwargs.get("past_key_values")) if use_cache else None
     if use_cache and cache is None:
         cache = DynamicCache(config=model.config)
     mask = model_kwargs.get("attention_mask")
-    step_in = seq
+    past = cache.get_seq_length() if cache is not None else 0
+    if past >= T:
+        raise ValueError(f"the cache already holds {past} positions but the context has only {T}: pass the whole "
+                         f"context the cache was built from plus at least one new point")
+    step_in = seq[:, past:]  # a cache built on a prefix of the context: feed only what it lacks
     while seq.shape[1] < max_length:
         remaining = max_length - seq.shape[1]
-        out = model(input_ids=step_in if use_cache else seq, attention_mask=mask, past_key_values=cache,
+        out = model(input_ids=step_in if use_cache else seq, attention_mask=mask, cache=cache,
                     use_cache=use_cache, max_horizon_length=remaining, output_router_logits=False)
         scores = out.logits[:, -1, :]
         if logits_processor:
@@ -327,7 +314,7 @@ def ts_decode(model, input_ids: torch.Tensor, logits_processor=None, stopping_cr
         step_in = nxt
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(B, nxt.shape[1])], dim=1)
-        cache = out.past_key_values if use_cache else None
+        cache = output_cache(out) if use_cache else None
     if streamer is not None:
         streamer.end()
     return seq if input_ids.dim() == 3 else seq[..., 0]
@@ -409,12 +396,13 @@ class MoezooTimeMoeForPrediction(MoezooTimeMoePreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
+                position_ids: torch.LongTensor | None = None, cache: Cache | None = None,
                 inputs_embeds: torch.FloatTensor | None = None, labels: torch.Tensor | None = None,
                 loss_masks: torch.Tensor | None = None, use_cache: bool | None = None,
                 output_attentions: bool | None = None, output_hidden_states: bool | None = None,
                 output_router_logits: bool | None = None, return_dict: bool | None = None,
-                max_horizon_length: int | None = None, **kwargs) -> MoezooTimeMoeOutput:
+                max_horizon_length: int | None = None, past_key_values: Cache | None = None,
+                **kwargs) -> MoezooTimeMoeOutput:
         """Forward pass; see :class:`MoezooTimeMoeOutput`.
 
         Args:
@@ -425,13 +413,15 @@ class MoezooTimeMoeForPrediction(MoezooTimeMoePreTrainedModel, GenerationMixin):
                 the balance loss: mask padded labels here too, as the official window datasets do).
             max_horizon_length: without labels, pick the head for this many points (official rule,
                 :meth:`select_horizon`).
+            cache: a transformers ``Cache`` (``past_key_values`` is accepted as its old name, not both).
         """
+        cache = resolve_cache(cache, past_key_values)
         output_router_logits = (output_router_logits if output_router_logits is not None
                                 else self.config.output_router_logits)
         if use_cache is None and (labels is not None or self.training):
             use_cache = False  # no KV cache while training
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                          output_router_logits=output_router_logits, **kwargs)
         h = out.last_hidden_state
@@ -454,7 +444,7 @@ class MoezooTimeMoeForPrediction(MoezooTimeMoePreTrainedModel, GenerationMixin):
             logits = self.lm_heads[idx](h)
             if max_horizon_length is not None and hl > max_horizon_length:
                 logits = logits[..., : self.config.input_size * max_horizon_length]
-        result = MoezooTimeMoeOutput(loss=loss, aux_loss=aux_loss, logits=logits, past_key_values=out.past_key_values,
+        result = MoezooTimeMoeOutput(loss=loss, aux_loss=aux_loss, logits=logits, **cache_kwargs(output_cache(out)),
                                      hidden_states=out.hidden_states, attentions=out.attentions,
                                      router_logits=out.router_logits, router_outputs=out.router_outputs)
         return result if return_dict is not False else result.to_tuple()

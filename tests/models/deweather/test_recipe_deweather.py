@@ -139,15 +139,11 @@ def test_recipe_errors():
 
 
 def test_demo_quick(tmp_path, monkeypatch):
-    import time
-
     from moezoo.demo import list_demo_steps, run_demo
 
     monkeypatch.setenv("MOEZOO_CACHE", str(tmp_path / "cache"))
     assert "deweather" in {s.name for s in list_demo_steps()}
-    t0 = time.time()
     res = run_demo(tmp_path / "demo", steps=["deweather"], quick=True, printer=lambda *a: None)["deweather"]
-    assert time.time() - t0 < 60
     assert res["steps"] == 30
     # residual output: the untrained model is (almost) the identity, so it starts at the degraded input's PSNR, and a
     # 30-step run stays near it (the longer runs of eval/deweather are where the numbers are measured)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import moezoo  # noqa: E402
+from moezoo.cache_compat import output_cache  # noqa: E402
 from moezoo.core.losses import router_z_loss, switch_balance_loss  # noqa: E402
 from moezoo.models.moezoo_lm import MoezooLMConfig, MoezooLMForCausalLM, MoezooLMModel  # noqa: E402
 
@@ -131,7 +132,7 @@ def test_greedy_generate_with_and_without_cache(impl):
     with torch.no_grad():
         full = m(a[:, :-1]).logits[:, -1]
         out = m(a[:, :-2], use_cache=True)
-        step = m(a[:, -2:-1], past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
+        step = m(a[:, -2:-1], cache=output_cache(out), use_cache=True).logits[:, -1]
     torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
 
 

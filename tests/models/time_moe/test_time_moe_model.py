@@ -11,6 +11,7 @@ import torch.nn.functional as F
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import moezoo  # noqa: E402
+from moezoo.cache_compat import output_cache  # noqa: E402
 from moezoo.core import MoELayer  # noqa: E402
 from moezoo.models.time_moe import (MoezooTimeMoeConfig, MoezooTimeMoeForPrediction,  # noqa: E402
                                     dense_config_like)
@@ -116,7 +117,7 @@ def test_kv_cache_forward_equals_full_forward(tiny):
     with torch.no_grad():
         full = tiny(input_ids=x, use_cache=False, max_horizon_length=8).logits
         first = tiny(input_ids=x[:, :7], use_cache=True, max_horizon_length=8)
-        second = tiny(input_ids=x[:, 7:], past_key_values=first.past_key_values, use_cache=True, max_horizon_length=8)
+        second = tiny(input_ids=x[:, 7:], cache=output_cache(first), use_cache=True, max_horizon_length=8)
     torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), full, atol=1e-5, rtol=1e-4)
     with torch.no_grad():
         nocache = tiny.generate(x, max_new_tokens=13, use_cache=False)
