@@ -25,6 +25,9 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 GENERATING = {
     "moezoo_lm": ("lm_small_e16k2", lambda g: torch.randint(1, 128, (2, 7), generator=g)),
     "time_moe": ("time_moe_tiny_e4k2", lambda g: torch.randn(2, 12, generator=g).cumsum(1)),
+    # flat layout: one row per codebook (4), the text prompt repeated on each, ending with the BOS frame (id 64 + 18)
+    "audio_moe": ("audio_moe_small_e8k2", lambda g: torch.cat([torch.randint(1, 64, (2, 6), generator=g)
+                                                                .repeat_interleave(4, 0), torch.full((8, 1), 82)], 1)),
 }
 
 

@@ -13,8 +13,6 @@ positions + ``codec_input_ids`` (#audio positions, K) in row-major order) is acc
 """
 from __future__ import annotations
 
-import dataclasses
-import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,11 +22,11 @@ from torch import nn
 from transformers import GenerationMixin
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import LogitsProcessor, LogitsProcessorList
-from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ...cache_compat import cache_kwargs, causal_mask, output_cache, resolve_cache
 from ...core import MoELayer, RouterOutput
 from ...core.losses import CoefficientSchedule, unimoe_audio_balance_loss
 from ...modeling_layers import RMSNorm, apply_rope, eager_attention
@@ -36,10 +34,6 @@ from ...modeling_utils import MoezooPreTrainedModel
 from .configuration_audio_moe import MoezooAudioMoeConfig
 
 IGNORE = -100
-# the cache argument / output field is ``cache`` from transformers 5.24 (``past_key_values`` before): feature checks
-_MASK_CACHE_KW = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
-_OUT_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(MoeCausalLMOutputWithPast)} \
-    else "past_key_values"
 
 
 @dataclass
@@ -247,15 +241,6 @@ class MoezooAudioMoeDecoderLayer(GradientCheckpointingLayer):
         return hidden_states + h, ro, attn
 
 
-def _resolve_cache(cache, past_key_values):
-    if cache is not None and past_key_values is not None:
-        raise ValueError("pass the KV cache as cache= or past_key_values= (the older name), not both")
-    cache = cache if cache is not None else past_key_values
-    if cache is not None and not isinstance(cache, Cache):
-        raise ValueError(f"cache must be a transformers Cache (e.g. DynamicCache), got {type(cache).__name__}")
-    return cache
-
-
 class MoezooAudioMoePreTrainedModel(MoezooPreTrainedModel):
     config_class = MoezooAudioMoeConfig
     config: MoezooAudioMoeConfig
@@ -325,7 +310,7 @@ class MoezooAudioMoeModel(MoezooAudioMoePreTrainedModel):
                 past_key_values=None, return_dict=None, codec_input_ids=None, **kwargs) -> MoezooAudioMoeModelOutput:
         """``input_ids`` in the flat layout (B*K, T) (or the official layout with ``codec_input_ids``), or
         ``inputs_embeds`` (B, T, H). ``attention_mask`` (B, past + T) or (B*K, past + T), 1 = real token."""
-        cache = _resolve_cache(cache, past_key_values)
+        cache = resolve_cache(cache, past_key_values)
         cfg = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -357,8 +342,7 @@ class MoezooAudioMoeModel(MoezooAudioMoePreTrainedModel):
             else:
                 position_ids = (torch.arange(T, device=inputs_embeds.device) + past).unsqueeze(0).expand(B, -1)
         token_mask = attention_mask[:, -T:] if attention_mask is not None else None
-        mask = create_causal_mask(config=cfg, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                  position_ids=position_ids, **{_MASK_CACHE_KW: cache})
+        mask = causal_mask(cfg, inputs_embeds, attention_mask, cache, position_ids)
         h = inputs_embeds
         pe = self.rotary_emb(h, position_ids)
         hidden = (h,) if output_hidden_states else None
@@ -379,7 +363,7 @@ class MoezooAudioMoeModel(MoezooAudioMoePreTrainedModel):
         return MoezooAudioMoeModelOutput(
             last_hidden_state=h, hidden_states=hidden, attentions=attns,
             router_logits=tuple(ro.logits for ro in router_outputs) if output_router_logits else None,
-            router_outputs=tuple(router_outputs), **{_OUT_CACHE_FIELD: cache if use_cache else None})
+            router_outputs=tuple(router_outputs), **cache_kwargs(cache if use_cache else None))
 
 
 class MoezooAudioMoeForCausalLM(MoezooAudioMoePreTrainedModel, GenerationMixin):
@@ -496,7 +480,7 @@ class MoezooAudioMoeForCausalLM(MoezooAudioMoePreTrainedModel, GenerationMixin):
                 output_attentions=None, output_hidden_states=None, output_router_logits=None,
                 past_key_values=None, return_dict=None, logits_to_keep: int | torch.Tensor = 0,
                 **kwargs) -> MoezooAudioMoeCausalLMOutput:
-        cache = _resolve_cache(cache, past_key_values)
+        cache = resolve_cache(cache, past_key_values)
         cfg = self.config
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                          inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
@@ -536,7 +520,7 @@ class MoezooAudioMoeForCausalLM(MoezooAudioMoePreTrainedModel, GenerationMixin):
             loss=loss, aux_loss=aux_loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions,
             router_logits=out.router_logits, codec_logits=codec_logits, text_logits=text_logits,
             codebook_losses=per_cb, router_outputs=out.router_outputs,
-            **{_OUT_CACHE_FIELD: getattr(out, _OUT_CACHE_FIELD)})
+            **cache_kwargs(output_cache(out)))
         return result if return_dict is not False else result.to_tuple()
 
     # ------------------------------------------------------------------------------------------------ generation
@@ -555,7 +539,8 @@ class MoezooAudioMoeForCausalLM(MoezooAudioMoePreTrainedModel, GenerationMixin):
         appended unless the prompt already ends with one. Every generated position is one frame: codebook ``c`` is BOS
         up to frame ``delay_pattern[c]``, then free codes; when codebook 0 emits EOS (allowed after
         ``min_new_tokens`` frames, forced at frame ``max_new_tokens - max_delay``), codebook ``c`` emits EOS
-        ``delay_pattern[c]`` frames later and PAD after (every codebook gets its EOS). Returns the flat ids
+        ``delay_pattern[c]`` frames later and PAD after (every codebook gets its EOS; with ``max_new_tokens <= max delay``
+        no end is forced: the frames so far, to be continued). Returns the flat ids
         (B*K, T + 1 + generated frames); :func:`split_flat` + :func:`undo_delay` give the codes.
         Greedy and sampling work; beam search and ``num_return_sequences > 1`` do not (rows are grouped by sample).
         """
@@ -563,8 +548,8 @@ class MoezooAudioMoeForCausalLM(MoezooAudioMoePreTrainedModel, GenerationMixin):
         if kwargs.get("num_beams", 1) != 1 or kwargs.get("num_return_sequences", 1) != 1:
             raise ValueError("audio_moe generate supports num_beams=1 and num_return_sequences=1 only (the "
                              "num_codebooks rows of a sample must stay together)")
-        if not isinstance(max_new_tokens, int) or max_new_tokens <= cfg.max_delay:
-            raise ValueError(f"max_new_tokens must be an int > max delay ({cfg.max_delay}), got {max_new_tokens!r}")
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         if input_ids is None:
             raise ValueError("generate needs input_ids (the prompt)")
         if codec_input_ids is not None:
@@ -632,7 +617,8 @@ class DelayPatternLogitsProcessor(LogitsProcessor):
                 s[rows] = neg
                 s[rows, tok] = 0.0
 
-        force((cb == 0) & (s_eos < 0) & (n >= self.max_frames - self.max_delay), self.eos)
+        if self.max_frames > self.max_delay:  # else a short budget: frames only, no forced end
+            force((cb == 0) & (s_eos < 0) & (n >= self.max_frames - self.max_delay), self.eos)
         force((s_eos >= 0) & (n == s_eos + delay), self.eos)
         force((s_eos >= 0) & (n > s_eos + delay), self.pad)
         force(n <= delay, self.bos)
