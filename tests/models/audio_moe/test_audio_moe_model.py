@@ -256,3 +256,14 @@ def test_bad_inputs():
                       (dict(topp_weighting="eq3"), "topp_weighting"), (dict(aux_loss_counter="x"), "aux_loss_counter")):
         with pytest.raises(ValueError, match=match):
             MoezooAudioMoeConfig(**kw)
+
+
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm", "batched_mm"])
+def test_experts_implementation_switch(impl):
+    m = tiny(topp_weighting="official", num_shared_experts=2)  # dynamic k + null + router-weighted shared experts
+    ids, _ = batch(m.config)
+    with torch.no_grad():
+        ref = m(input_ids=ids).logits
+        m.set_experts_implementation(impl)
+        assert m.model.layers[0].mlp.experts.config._experts_implementation == impl
+        torch.testing.assert_close(m(input_ids=ids).logits, ref, atol=1e-5, rtol=1e-4)
