@@ -24,8 +24,9 @@ _TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_h
     num_null_experts=1, router_top_p=0.7, num_codebooks=4, codebook_size=1024, delay_pattern=[0, 1, 2, 3],
     max_position_embeddings=4096))
 def audio_moe_small_e8k2(config):
-    """~25M-parameter dynamic-capacity audio MoE (8 routed + 1 null + 2 shared experts, top-p 0.7; k=2 on average
-    at most for the balanced case), byte-level text, 4 codebooks of 1024 codes (Encodec/DAC-sized)."""
+    """~25M-parameter dynamic-capacity audio MoE (8 routed + 1 null + 2 shared experts, top-p 0.7: the number of
+    experts varies per token; e8k2 names the top-k=2 budget it is compared with), byte-level text, 4 codebooks of 1024
+    codes (Encodec/DAC-sized)."""
     return MoezooAudioMoeForCausalLM(config)
 
 
