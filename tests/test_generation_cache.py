@@ -26,6 +26,9 @@ GENERATING = {
     "moezoo_lm": ("lm_small_e16k2", lambda g: torch.randint(1, 128, (2, 7), generator=g)),
     "time_moe": ("time_moe_tiny_e4k2", lambda g: torch.randn(2, 12, generator=g).cumsum(1)),
     "vl_moe": ("vl_moe_smol_e4k2", lambda g: torch.randint(1, 128, (2, 7), generator=g)),
+    # flat layout: one row per codebook (4), the text prompt repeated on each, ending with the BOS frame (id 64 + 18)
+    "audio_moe": ("audio_moe_small_e8k2", lambda g: torch.cat([torch.randint(1, 64, (2, 6), generator=g)
+                                                                .repeat_interleave(4, 0), torch.full((8, 1), 82)], 1)),
 }
 
 

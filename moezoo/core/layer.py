@@ -136,16 +136,27 @@ class MoELayer(nn.Module):
         idx, w = routing.indices, routing.weights
         E = self.num_ffn_experts
         routed = idx < E
+        if idx.shape[-1] > 1 and idx.device.type == "cpu":
+            # dynamic-k routers (top-p) pad every token to the widest possible selection; slots that no token fills
+            # with an FFN expert (sentinel / zero-FLOP ids) would only add dispatch work, so the experts skip them
+            # (CPU only: the check is a host sync, and the grouped-mm path on accelerators skips sentinels itself)
+            live = routed.any(0)
+            if not bool(live.all()):
+                idx_e, w_e, routed_e = idx[:, live], w[:, live], routed[:, live]
+            else:
+                idx_e, w_e, routed_e = idx, w, routed
+        else:
+            idx_e, w_e, routed_e = idx, w, routed
         experts = _base_module(self.experts)
         impl = getattr(getattr(experts, "config", None), "_experts_implementation", None)
         # transformers' expert parallelism (``_is_expert_parallel``, set by its "grouped_gemm" style) counts tokens per
         # global expert id, so sentinels must not reach it (moezoo.core.parallel)
         if impl in _SENTINEL_AWARE and not getattr(experts, "_is_expert_parallel", False):
-            ridx = torch.where(routed, idx, E)
-            rw = w
+            ridx = torch.where(routed_e, idx_e, E)
+            rw = w_e
         else:  # transformers' kernels: point empty slots at expert 0 with weight 0
-            ridx = torch.where(routed, idx, 0)
-            rw = torch.where(routed, w, torch.zeros((), dtype=w.dtype, device=w.device))
+            ridx = torch.where(routed_e, idx_e, 0)
+            rw = torch.where(routed_e, w_e, torch.zeros((), dtype=w.dtype, device=w.device))
         out = self.experts(xe, ridx, rw.to(xe.dtype))
         if self.zero_flop is not None and self.zero_flop.has_output:
             out = out + self.zero_flop(xe, idx, w)

@@ -178,6 +178,56 @@ def update_selection_bias(router, load, gamma: float = 1e-3, *, attention_mask: 
     return delta
 
 
+class CoefficientSchedule:
+    """A loss coefficient as a function of the training step: ``coef = schedule(step)``.
+
+    Args:
+        value: the coefficient after warm-up (and before decay).
+        kind: ``"constant"`` (``value`` always), ``"linear_warmup"`` (0 -> ``value`` linearly over ``warmup_steps``,
+            then constant) or ``"cosine"`` (optional linear warm-up, then cosine from ``value`` to ``final_value`` over
+            ``decay_steps``, then ``final_value``) or ``"linear_decay"`` (optional linear warm-up, then linear from
+            ``value`` to ``final_value`` over ``decay_steps``, then ``final_value``; UniMoE-Audio's aux-loss weight).
+        warmup_steps: linear warm-up length (``linear_warmup`` needs > 0; optional for ``cosine``).
+        decay_steps: cosine length after warm-up (``cosine`` only).
+        final_value: the value the cosine ends at.
+        start_value: the value warm-up starts from (0 by default).
+    """
+
+    KINDS = ("constant", "linear_warmup", "cosine", "linear_decay")
+
+    def __init__(self, value: float, kind: str = "constant", *, warmup_steps: int = 0, decay_steps: int | None = None,
+                 final_value: float = 0.0, start_value: float = 0.0):
+        if kind not in self.KINDS:
+            raise ValueError(f"kind must be one of {self.KINDS}, got {kind!r}")
+        if not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be a non-negative int, got {warmup_steps!r}")
+        if kind == "linear_warmup" and warmup_steps == 0:
+            raise ValueError("kind='linear_warmup' needs warmup_steps > 0")
+        if kind in ("cosine", "linear_decay") and (not isinstance(decay_steps, int) or decay_steps <= 0):
+            raise ValueError(f"kind={kind!r} needs decay_steps, a positive int; got {decay_steps!r}")
+        self.value, self.kind, self.warmup_steps = float(value), kind, warmup_steps
+        self.decay_steps, self.final_value, self.start_value = decay_steps, float(final_value), float(start_value)
+
+    def __call__(self, step: int) -> float:
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        if self.kind == "constant":
+            return self.value
+        if step < self.warmup_steps:
+            return self.start_value + (self.value - self.start_value) * step / self.warmup_steps
+        if self.kind == "linear_warmup":
+            return self.value
+        t = min(step - self.warmup_steps, self.decay_steps) / self.decay_steps
+        if self.kind == "linear_decay":
+            return self.value - (self.value - self.final_value) * t
+        return self.final_value + 0.5 * (self.value - self.final_value) * (1.0 + math.cos(math.pi * t))
+
+    def __repr__(self) -> str:
+        return (f"CoefficientSchedule(value={self.value}, kind={self.kind!r}, warmup_steps={self.warmup_steps}, "
+                f"decay_steps={self.decay_steps}, final_value={self.final_value})")
+
+
+@torch.no_grad()
 def null_expert_usage(router_outputs: RouterOutput | list[RouterOutput], null_ids,
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Fraction of the (non-sentinel) routing slots that went to null experts (a statistic, no gradient).

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moezoo.core import MoELayer, build_moe_layer, RouterOutput, TopKRouter
-from moezoo.core.losses import (null_expert_usage, router_z_loss, switch_balance_loss,
+from moezoo.core.losses import (CoefficientSchedule, null_expert_usage, router_z_loss, switch_balance_loss,
                                 update_selection_bias)
 from moezoo.core.routing import RouterOutput
 
@@ -215,6 +215,35 @@ def test_update_selection_bias_balances_a_skewed_router():
     assert after.max() < 1.5 * ideal and after.min() > 0.5 * ideal
     # gradients are untouched: the bias is a buffer and the update runs under no_grad
     assert not router.e_score_correction_bias.requires_grad
+
+
+# ---------------------------------------------------------------------------------------------------- schedules
+
+
+def test_coefficient_schedules():
+    c = CoefficientSchedule(0.01)
+    assert c(0) == c(10 ** 6) == 0.01
+    w = CoefficientSchedule(0.02, "linear_warmup", warmup_steps=100)
+    assert w(0) == 0.0 and math.isclose(w(50), 0.01) and w(100) == 0.02 and w(5000) == 0.02
+    cos = CoefficientSchedule(1.0, "cosine", warmup_steps=10, decay_steps=100, final_value=0.1)
+    assert cos(0) == 0.0 and math.isclose(cos(5), 0.5)
+    assert math.isclose(cos(10), 1.0) and math.isclose(cos(60), 0.55) and math.isclose(cos(110), 0.1)
+    assert math.isclose(cos(10 ** 5), 0.1)
+    vals = [cos(s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))  # monotone decay
+    assert "cosine" in repr(cos)
+    lin = CoefficientSchedule(0.025, "linear_decay", decay_steps=10000, final_value=0.001)  # UniMoE-Audio aux weight
+    assert lin(0) == 0.025 and math.isclose(lin(4000), 0.0154) and math.isclose(lin(10000), 0.001)
+    assert math.isclose(lin(10 ** 6), 0.001)
+    for kwargs, match in ((dict(value=1.0, kind="step"), "kind"),
+                          (dict(value=1.0, kind="linear_warmup"), "warmup_steps > 0"),
+                          (dict(value=1.0, kind="cosine"), "decay_steps"),
+                          (dict(value=1.0, kind="linear_decay"), "decay_steps"),
+                          (dict(value=1.0, warmup_steps=-1), "warmup_steps")):
+        with pytest.raises(ValueError, match=match):
+            CoefficientSchedule(**kwargs)
+    with pytest.raises(ValueError, match="step"):
+        c(-1)
 
 
 # ---------------------------------------------------------------------------------------------------- null usage

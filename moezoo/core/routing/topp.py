@@ -93,8 +93,8 @@ class TopPRouter(Router):
         self.norm_topp_prob, self.sparsemixer_eps, self.multiplier_eps = norm_topp_prob, sparsemixer_eps, multiplier_eps
         self.fixed_expert_ids = fixed
         dynamic = [i for i in range(num_experts) if i not in set(fixed)]
-        self.register_buffer("dynamic_ids", torch.tensor(dynamic, dtype=torch.long), persistent=False)
-        self.register_buffer("fixed_ids", torch.tensor(fixed, dtype=torch.long), persistent=False)
+        # plain lists, not non-persistent buffers: from_pretrained (meta-device init) leaves those uninitialised
+        self._dynamic_list, self._fixed_list = dynamic, fixed
 
     @property
     def max_experts_per_tok(self) -> int:
@@ -129,7 +129,8 @@ class TopPRouter(Router):
 
     def _unimoe_audio(self, logits: torch.Tensor, keep_tok: torch.Tensor | None) -> RouterOutput:
         R, T = self.num_experts, logits.shape[0]
-        dyn, fixed = self.dynamic_ids, self.fixed_ids
+        dyn = torch.tensor(self._dynamic_list, dtype=torch.long, device=logits.device)
+        fixed = torch.tensor(self._fixed_list, dtype=torch.long, device=logits.device)
         D = dyn.numel()
         dyn_logits = logits.index_select(1, dyn)
         dyn_probs = dyn_logits.softmax(dim=-1)

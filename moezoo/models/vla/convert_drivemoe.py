@@ -11,7 +11,7 @@ Mapped (official ``mr-d-self-driving/DriveMoE``, ``src/model/DriveMoE``):
 - ``camera_router.*`` (``Router``) -> ``camera_router.*`` (same names, :class:`moezoo.core.CameraRouter`).
 
 The per-layer tensor layout is the one the block parity reference ``drivemoe_action_moe`` checks
-(:func:`moezoo.parity.drivemoe_action_moe._moe_mlp`); this module only renames. The PaliGemma VLM, the Gemma action
+(:func:`action_moe_layer`); this module only renames. The PaliGemma VLM, the Gemma action
 expert's attention / adaptive norms and the action encoders of the official model differ from this π0 base and are
 returned as unmapped keys.
 """
@@ -21,11 +21,48 @@ import re
 
 import torch
 
-from ...parity.drivemoe_action_moe import _moe_mlp
+from ...checkpoints import count_experts
+from ...core import MoELayer, build_moe_layer
 
 OFFICIAL_MOE = "joint_model.mixtures.action.layers.{i}.mlp."
 OFFICIAL_ROUTER = "joint_model.action_router."
 CAMERA = "camera_router."
+
+
+def action_moe_layer(cfg: dict, router_cfg: dict, state: dict) -> MoELayer:
+    """One official ``MoEGemmaMLP`` (skill + shared experts) and its ``MLPRouter`` (keys relative to the block) ->
+    ``MoELayer(router_type="pooled")``: the layout the block parity reference ``drivemoe_action_moe`` checks."""
+    E = count_experts(state, "moe_mlp.skill_experts.", "gate_proj.weight", what="skill experts",
+                      config_value=cfg.get("num_skill_experts"), config_key="num_skill_experts")
+    shared = range(count_experts(state, "moe_mlp.shared_experts.", "gate_proj.weight", what="shared experts",
+                                 allow_empty=True))
+    I, H = state["moe_mlp.skill_experts.0.gate_proj.weight"].shape
+    k = int(cfg["num_experts_per_tok"])
+    router_w = state["action_router.router_linear.weight"]
+    if router_w.shape[0] != E:
+        raise ValueError(f"action_router has {router_w.shape[0]} outputs but moe_mlp has {E} skill experts")
+    router_bias = state.get("action_router.router_linear.bias")
+    shared_inter = [state[f"moe_mlp.shared_experts.{s}.gate_proj.weight"].shape[0] for s in shared]
+    layer = build_moe_layer(hidden_size=H, num_experts=E, num_experts_per_tok=k, moe_intermediate_size=I,
+                     hidden_act="gelu_tanh", router_type="pooled",
+                     router_kwargs=dict(hidden_size=int(router_w.shape[1]), norm_topk_prob=True, renorm_eps=0.0,
+                                        bias=router_bias is not None),
+                     num_shared_experts=1 if shared else 0, shared_intermediate_size=sum(shared_inter) or None)
+    layer.gate.weight.data.copy_(router_w)
+    if router_bias is not None:
+        layer.gate.bias.data.copy_(router_bias)
+    layer.gate.temperature.data.copy_(state["action_router.temperature"].reshape(1))
+    p = "moe_mlp.skill_experts."
+    layer.experts.gate_up_proj.data.copy_(torch.stack([
+        torch.cat([state[f"{p}{e}.gate_proj.weight"], state[f"{p}{e}.up_proj.weight"]], 0) for e in range(E)]))
+    layer.experts.down_proj.data.copy_(torch.stack([state[f"{p}{e}.down_proj.weight"] for e in range(E)]))
+    if shared:  # sum_s down_s(act(gate_s x) * up_s x) == one MLP with concatenated intermediate units
+        p = "moe_mlp.shared_experts."
+        se = layer.shared_expert
+        se.gate_proj.weight.data.copy_(torch.cat([state[f"{p}{s}.gate_proj.weight"] for s in shared], 0))
+        se.up_proj.weight.data.copy_(torch.cat([state[f"{p}{s}.up_proj.weight"] for s in shared], 0))
+        se.down_proj.weight.data.copy_(torch.cat([state[f"{p}{s}.down_proj.weight"] for s in shared], 1))
+    return layer
 
 
 def official_moe_layers(state_dict: dict) -> list[int]:
@@ -58,7 +95,7 @@ def convert_drivemoe_state_dict(state_dict: dict, config) -> tuple[dict, list[st
         sub = {"moe_mlp." + k[len(pre):]: v for k, v in state_dict.items() if k.startswith(pre)}
         used.update(k for k in state_dict if k.startswith(pre))
         sub.update({"action_router." + k: v for k, v in router.items()})
-        layer = _moe_mlp({"num_experts_per_tok": config.num_experts_per_tok, "num_skill_experts": config.num_experts},
+        layer = action_moe_layer({"num_experts_per_tok": config.num_experts_per_tok, "num_skill_experts": config.num_experts},
                          {}, sub)
         if layer.experts.down_proj.shape[-1] != config.moe_intermediate_size or layer.hidden_size != config.hidden_size:
             raise ValueError(f"official MoE layer {i} has hidden {layer.hidden_size} / intermediate "

@@ -1,0 +1,52 @@
+"""audio_moe harness: per-task codec-token loss, dynamic-capacity analytics (experts per token by task and layer,
+null-expert rate, FFN FLOPs per token), generated wav + spectrogram PNG per prompt.
+
+    python eval/audio_moe/run.py --model runs/audio_moe/3_joint/final --codec runs/audio_codec --out runs/eval_audio
+    python eval/audio_moe/run.py --model audio_moe_small_e8k2 --tiny --codec random:dac --items 4   # smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="a save_pretrained folder or a registry name (fresh weights)")
+    ap.add_argument("--tiny", action="store_true", help="with a registry name: its tiny variant")
+    ap.add_argument("--codec", required=True, help="an Encodec/DAC/Mimi save_pretrained folder, or random:dac")
+    ap.add_argument("--speech", default="asterisk")
+    ap.add_argument("--music", default="sonic_pi")
+    ap.add_argument("--items", type=int, default=16, help="held-out clips per task")
+    ap.add_argument("--max-frames", type=int, default=100)
+    ap.add_argument("--max-new-tokens", type=int, default=100)
+    ap.add_argument("--out", default="runs/eval_audio_moe")
+    args = ap.parse_args(argv)
+
+    from pathlib import Path
+
+    import moezoo
+    from moezoo.models.audio_moe import MoezooAudioMoeForCausalLM
+    from moezoo.models.audio_moe.data_audio import split_items
+    from moezoo.models.audio_moe.harness import run_harness
+    from moezoo.models.audio_moe.recipe import load_codec, load_items
+
+    codec = load_codec({"random": "dac"} if args.codec == "random:dac" else {"path": args.codec})
+    if Path(args.model).is_dir():
+        model = MoezooAudioMoeForCausalLM.from_pretrained(args.model)
+    else:
+        model = moezoo.create_model(args.model, tiny=args.tiny, vocab_size=256, num_codebooks=codec.num_codebooks,
+                                    codebook_size=codec.codebook_size,
+                                    delay_pattern=list(range(codec.num_codebooks)))
+    items = []
+    for source in (args.speech, args.music):
+        _, held_out = split_items(load_items(source), held_out=0.1)
+        items += held_out[: args.items]
+    report = run_harness(model, codec, items, args.out, max_frames=args.max_frames,
+                         max_new_tokens=args.max_new_tokens)
+    print(json.dumps({t: {k: v for k, v in r.items() if k != "layers"} for t, r in report["tasks"].items()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

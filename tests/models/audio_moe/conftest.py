@@ -1,0 +1,5 @@
+"""Makes the helpers next to these tests importable (``conftest_audio``)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
