@@ -4,7 +4,8 @@
 
 # Debian packages with real data that the tests, harnesses and demos read. Where apt-get exists, a failed install
 # stops the set-up (set -e) instead of leaving tests to fail later for want of data.
-MOEZOO_APT_PACKAGES=(dataset-fashion-mnist)
+# (Fashion-MNIST for dit_moe; telephone speech with transcripts and music samples for audio_moe)
+MOEZOO_APT_PACKAGES=(dataset-fashion-mnist asterisk-core-sounds-en-wav sonic-pi-samples)
 
 install_apt_data() {
   command -v apt-get >/dev/null 2>&1 || { echo "[setup] no apt-get: Debian data packages not installed" >&2; return 0; }
