@@ -287,9 +287,9 @@ class MoezooVlMoeModel(MoezooVlMoePreTrainedModel):
             signals["gumbel_noise"] = gumbel_noise
         self._routing_signals = signals
         clear_router_outputs(self.language_model)
-        try:
+        try:  # the wrapped transformers decoder takes the cache under the installed transformers' name
             out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                      position_ids=position_ids, cache=cache, use_cache=use_cache,
+                                      position_ids=position_ids, **cache_kwargs(cache), use_cache=use_cache,
                                       output_hidden_states=output_hidden_states,
                                       output_attentions=output_attentions, return_dict=True, **kwargs)
         finally:
