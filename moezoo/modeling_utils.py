@@ -26,6 +26,28 @@ from .core.losses import moe_aux_loss
 from .core.routing import ROUTERS, Router, RouterOutput
 from .safety import PickleCheckpointError, check_no_pickle, pickle_refusal_message
 
+def check_decoder_attention(config, positive_ints=("vocab_size", "hidden_size", "num_hidden_layers",
+                                                   "num_attention_heads")) -> None:
+    """Validate a RoPE decoder config's sizes and fill in ``num_key_value_heads`` / ``head_dim`` when None:
+    every field in ``positive_ints`` a positive int, heads divisible by key-value heads, an even head_dim."""
+    for name in positive_ints:
+        v = getattr(config, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if config.num_key_value_heads is None:
+        config.num_key_value_heads = config.num_attention_heads
+    if config.num_attention_heads % config.num_key_value_heads:
+        raise ValueError(f"num_attention_heads={config.num_attention_heads} must be divisible by "
+                         f"num_key_value_heads={config.num_key_value_heads}")
+    if config.head_dim is None:
+        if config.hidden_size % config.num_attention_heads:
+            raise ValueError(f"hidden_size={config.hidden_size} must be divisible by num_attention_heads="
+                             f"{config.num_attention_heads} (or set head_dim)")
+        config.head_dim = config.hidden_size // config.num_attention_heads
+    if config.head_dim % 2:
+        raise ValueError(f"head_dim must be even for RoPE, got {config.head_dim}")
+
+
 class MoezooConfig(PretrainedConfig):
     """Base config of moezoo models: the MoE fields of the shared backbone, named as in transformers.
 

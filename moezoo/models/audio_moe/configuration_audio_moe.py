@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ...core import MoELayerConfig
-from ...modeling_utils import MoezooConfig
+from ...modeling_utils import MoezooConfig, check_decoder_attention
 
 MOE_TYPES = ("topp", "topk", "adamoe", "moepp")
 TOPP_WEIGHTINGS = ("paper", "official")
@@ -102,23 +102,8 @@ class MoezooAudioMoeConfig(MoezooConfig):
     aux_loss_counter: str = "train"
 
     def __post_init__(self, **kwargs):
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_codebooks",
-                     "codebook_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads={self.num_attention_heads} must be divisible by "
-                             f"num_key_value_heads={self.num_key_value_heads}")
-        if self.head_dim is None:
-            if self.hidden_size % self.num_attention_heads:
-                raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_attention_heads="
-                                 f"{self.num_attention_heads} (or set head_dim)")
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        check_decoder_attention(self, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                       "num_codebooks", "codebook_size"))
         K = self.num_codebooks
         if self.delay_pattern is None:
             self.delay_pattern = list(range(K))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ...core.parallel import base_model_ep_plan
-from ...modeling_utils import MoezooConfig
+from ...modeling_utils import MoezooConfig, check_decoder_attention
 
 
 class MoezooLMConfig(MoezooConfig):
@@ -73,22 +73,7 @@ class MoezooLMConfig(MoezooConfig):
     eos_token_id: int | list[int] | None = None
 
     def __post_init__(self, **kwargs):
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads={self.num_attention_heads} must be divisible by "
-                             f"num_key_value_heads={self.num_key_value_heads}")
-        if self.head_dim is None:
-            if self.hidden_size % self.num_attention_heads:
-                raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_attention_heads="
-                                 f"{self.num_attention_heads} (or set head_dim)")
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        check_decoder_attention(self)
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.moe_intermediate_size
         if self.decoder_sparse_step < 1:
