@@ -249,8 +249,16 @@ class ModalityRouter(Router):
         self.next_token_modalities = tuple(int(m) for m in next_token_modalities)
         self.fallback_modality = int(fallback_modality)
         self.offsets = [sum(widths[:m]) for m in range(M)]
-        for m, p in enumerate(pools):
-            self.register_buffer(f"pool_{m}", torch.tensor(p, dtype=torch.long), persistent=False)
+        # expert ids of each pool per device, built on first use: not buffers, because transformers materialises
+        # non-persistent buffers empty when loading and skips the init of loaded modules
+        self._pool_ids: dict[torch.device, list[torch.Tensor]] = {}
+
+    def pool_ids(self, modality: int, device: torch.device) -> torch.Tensor:
+        """The expert ids (long) of one modality's pool on ``device``."""
+        ids = self._pool_ids.get(device)
+        if ids is None:
+            ids = self._pool_ids[device] = [torch.tensor(p, dtype=torch.long, device=device) for p in self.expert_pools]
+        return ids[modality]
 
     def gate_weight(self, modality: int) -> torch.Tensor:
         """The (w_m, H) gate rows of one modality (a view of ``weight``)."""
@@ -301,7 +309,7 @@ class ModalityRouter(Router):
                 continue
             pm = torch.sigmoid(lm) if self.scoring_func == "sigmoid" else lm.float().softmax(dim=-1).to(dt)
             wm, li = topk_weights(pm, k, self.norm_topk_prob, self.renorm_eps)
-            ids = getattr(self, f"pool_{m}")
+            ids = self.pool_ids(m, lm.device)
             cols = ids.unsqueeze(0).expand(rows.numel(), -1)
             r2 = rows.unsqueeze(-1).expand(-1, w)
             logits = logits.index_put((r2, cols), lm)

@@ -19,7 +19,6 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 
 from ...core.layer import MoELayer
 from ...core.losses import modality_balance_loss
-from ...core.routing import ModalityRouter
 from ...core.upcycle import clear_router_outputs, collect_router_outputs, find_dense_mlps, upcycle_model
 from ...cache_compat import cache_kwargs, output_cache, resolve_cache
 from ...modeling_utils import MoezooPreTrainedModel
@@ -123,21 +122,6 @@ class MoezooVlMoePreTrainedModel(MoezooPreTrainedModel):
     _no_split_modules = []
     _supports_flash_attn = False
     _supports_flex_attn = False
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
-        model._restore_router_buffers()
-        return model
-
-    @torch.no_grad()
-    def _restore_router_buffers(self) -> None:
-        """transformers 5 materialises non-persistent buffers (not in checkpoints) as ``empty`` when loading and skips
-        the init of modules whose parameters were loaded: rebuild the MoIIE routers' expert-pool id buffers."""
-        for module in self.modules():
-            if isinstance(module, ModalityRouter):
-                for m, pool in enumerate(module.expert_pools):
-                    getattr(module, f"pool_{m}").copy_(torch.tensor(pool, dtype=torch.long))
 
     # ------------------------------------------------------------------------------------------------ aux loss
     def compute_aux_loss(self, router_outputs, attention_mask=None):
