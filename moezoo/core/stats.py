@@ -1,4 +1,4 @@
-"""Routing statistics: expert load, routing entropy, experts per token, drop rate; heatmap plots.
+"""Routing statistics: expert load, routing entropy, experts per token, drop rate (figures: :mod:`moezoo.plots`).
 
 ``expert_load(router_output)`` gives the fraction of routing slots each expert received in one forward.
 :class:`RoutingStats` accumulates these per MoE layer over training or evaluation steps::
@@ -55,19 +55,6 @@ def routing_entropy(router_output: RouterOutput, attention_mask: torch.Tensor | 
     if mask is None:
         return ent.mean() if ent.numel() else ent.new_zeros(())
     return (ent * mask).sum() / mask.sum().clamp_min(1.0)
-
-
-def _agg_figure():
-    """A matplotlib Figure class drawing on the Agg canvas (no pyplot, no global backend change)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    def make(**kw):
-        fig = Figure(**kw)
-        FigureCanvasAgg(fig)
-        return fig
-
-    return make
 
 
 def _copy_value(v):
@@ -242,59 +229,34 @@ class RoutingStats:
         return m
 
     def save_heatmap(self, path, *, steps_path=None, title: str | None = None) -> str:
-        """Write a layers x experts load heatmap PNG to ``path`` (and :meth:`save_load_over_steps` to ``steps_path``)."""
-        fig_cls = _agg_figure()
+        """Write a layers x experts load heatmap PNG to ``path`` (and :meth:`save_load_over_steps` to ``steps_path``);
+        drawn by :func:`moezoo.plots.heatmap_panels`."""
+        from ..plots import heatmap_panels
 
-        m = self.load_matrix().numpy()
-        L, R = m.shape
-        fig = fig_cls(figsize=(min(2 + 0.35 * R, 24), min(1.5 + 0.35 * L, 24)))
-        ax = fig.subplots()
-        im = ax.imshow(m, aspect="auto", cmap="viridis", interpolation="nearest")
-        ax.set_xlabel("expert")
-        ax.set_ylabel("layer")
-        ax.set_yticks(range(L))
-        ax.set_yticklabels([str(n) for n in self._layers])
-        ax.set_title(title or "fraction of routing slots per expert")
-        fig.colorbar(im, ax=ax)
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
+        heatmap_panels(path, [self.load_matrix()], title=title or "fraction of routing slots per expert",
+                       row_labels=list(self._layers))
         if steps_path is not None:
             self.save_load_over_steps(steps_path)
         return str(path)
 
     def save_load_over_steps(self, path, layer: Hashable | None = None) -> str:
         """PNG of load over steps: per-expert load lines of ``layer``, or (``layer=None``) every layer's imbalance
-        ``max load x R`` (1 = balanced). Needs ``keep_history=True``."""
-        fig_cls = _agg_figure()
+        ``max load x R`` (1 = balanced). Needs ``keep_history=True``; drawn by :func:`moezoo.plots.line_plot`."""
+        from ..plots import line_plot
 
         if not self._layers:
             raise ValueError("RoutingStats has no data to plot; call update() first")
         if not self.keep_history:
             raise ValueError("save_load_over_steps needs RoutingStats(keep_history=True)")
-        fig = fig_cls(figsize=(8, 4.5))
-        ax = fig.subplots()
         if layer is not None:
-            hist = torch.stack(self._get(layer).history).numpy()
-            for e in range(hist.shape[1]):
-                ax.plot(hist[:, e], label=f"e{e}" if hist.shape[1] <= 16 else None)
-            ax.set_ylabel("fraction of slots")
-            ax.set_title(f"layer {layer}: load per expert over steps")
-            if hist.shape[1] <= 16:
-                ax.legend(fontsize=6, ncol=2)
-        else:
-            for name, acc in self._layers.items():
-                if acc.history:
-                    hist = torch.stack(acc.history)
-                    ax.plot((hist.max(-1).values * hist.shape[-1]).numpy(), label=str(name))
-            ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-            ax.set_ylabel("max load x num_experts")
-            ax.set_title("load imbalance over steps (1 = balanced)")
-            if len(self._layers) <= 24:
-                ax.legend(fontsize=6, ncol=2)
-        ax.set_xlabel("step")
-        from matplotlib.ticker import MaxNLocator
-
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        return str(path)
+            hist = torch.stack(self._get(layer).history)
+            curves = {f"e{e}": (range(hist.shape[0]), hist[:, e].tolist()) for e in range(hist.shape[1])}
+            return line_plot(path, curves, ylabel="fraction of slots", max_legend=16,
+                             title=f"layer {layer}: load per expert over steps")
+        curves = {}
+        for name, acc in self._layers.items():
+            if acc.history:
+                hist = torch.stack(acc.history)
+                curves[str(name)] = (range(hist.shape[0]), (hist.max(-1).values * hist.shape[-1]).tolist())
+        return line_plot(path, curves, ylabel="max load x num_experts", reference=1.0,
+                         title="load imbalance over steps (1 = balanced)")

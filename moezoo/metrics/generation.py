@@ -372,51 +372,20 @@ class RoutingAnalysis:
     def save_heatmaps(self, out_dir: str | os.PathLike, prefix: str = "routing") -> list[str]:
         """``<prefix>_vs_timestep.png`` (layers x [timestep bin x expert]) and ``<prefix>_vs_position.png``
         (layers x experts, each a patch-grid map of the share of that position's slots sent to the expert)."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        from ..plots import heatmap_panels, image_grid_panels
 
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
         L = len(self.by_time)
         if L == 0:
             return []
-        paths = []
-        fig = Figure(figsize=(3.2 * L, 3.2), dpi=100)
-        FigureCanvasAgg(fig)
-        for li in range(L):
-            ax = fig.add_subplot(1, L, li + 1)
-            st = self._norm(self.by_time[li]).numpy()
-            im = ax.imshow(st, aspect="auto", cmap="viridis", origin="lower", extent=(-0.5, st.shape[1] - 0.5, 0, 1))
-            ax.set_title(f"MoE layer {li}", fontsize=9)
-            ax.set_xlabel("expert")
-            ax.set_ylabel("t (0 = data, 1 = noise)" if li == 0 else "")
-            fig.colorbar(im, ax=ax, fraction=0.046)
-        fig.suptitle("expert share of routing slots vs denoising timestep", fontsize=10)
-        fig.tight_layout()
-        p = out_dir / f"{prefix}_vs_timestep.png"
-        fig.savefig(str(p))
-        paths.append(str(p))
-
-        R = max(bp.shape[1] for bp in self.by_pos)
-        fig = Figure(figsize=(1.6 * R + 1, 1.6 * L + 0.6), dpi=100)
-        FigureCanvasAgg(fig)
-        for li in range(L):
-            sp = self._norm(self.by_pos[li])
-            for e in range(sp.shape[1]):
-                ax = fig.add_subplot(L, R, li * R + e + 1)
-                ax.imshow(sp[:, e].reshape(self.grid, self.grid).numpy(), cmap="magma", vmin=0, vmax=1,
-                          interpolation="nearest")
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if li == 0:
-                    ax.set_title(f"expert {e}", fontsize=8)
-                if e == 0:
-                    ax.set_ylabel(f"layer {li}", fontsize=8)
-        fig.suptitle("share of each patch position's routing slots per expert (bright = more)", fontsize=10)
-        fig.tight_layout()
-        p = out_dir / f"{prefix}_vs_position.png"
-        fig.savefig(str(p))
-        paths.append(str(p))
+        shares = {f"MoE layer {li}": self._norm(bt) for li, bt in enumerate(self.by_time)}
+        paths = [heatmap_panels(out_dir / f"{prefix}_vs_timestep.png", shares, shared_scale=False, y_extent=(0, 1),
+                                ylabel="t (0 = data, 1 = noise)",
+                                title="expert share of routing slots vs denoising timestep")]
+        maps = [[sp[:, e].reshape(self.grid, self.grid) for e in range(sp.shape[1])]
+                for sp in (self._norm(bp) for bp in self.by_pos)]
+        paths.append(image_grid_panels(out_dir / f"{prefix}_vs_position.png", maps,
+                                       title="share of each patch position's routing slots per expert (bright = more)"))
         return paths
 
 

@@ -137,25 +137,14 @@ class RoutingLog:
         if not len(self.stats):
             return []
         heat = self.stats.save_heatmap(output_dir / "routing_heatmap.png", title=f"load, steps 1-{step}")
-        steps_png = output_dir / "routing_load_over_steps.png"
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        from ..plots import line_plot
 
-        fig = Figure(figsize=(8, 4.5))
-        FigureCanvasAgg(fig)
-        ax = fig.subplots()
-        layers = list(self.stats.layers)
-        for name in layers:
+        curves = {}
+        for name in self.stats.layers:
             pts = [(e["step"], e["max_load"][name]) for e in self.history if name in e["max_load"]]
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 50 else None,
-                        label=f"layer {name}")
-        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-        ax.set_xlabel("step")
-        ax.set_ylabel("max expert load x num_experts")
-        ax.set_title("load imbalance per MoE layer (1 = balanced)")
-        if len(layers) <= 24:
-            ax.legend(fontsize=6, ncol=2)
-        fig.tight_layout()
-        fig.savefig(steps_png, dpi=100)
-        return [heat, str(steps_png)]
+                curves[f"layer {name}"] = ([p[0] for p in pts], [p[1] for p in pts])
+        steps_png = line_plot(output_dir / "routing_load_over_steps.png", curves, reference=1.0,
+                              ylabel="max expert load x num_experts",
+                              title="load imbalance per MoE layer (1 = balanced)")
+        return [heat, steps_png]

@@ -85,42 +85,16 @@ def routing_by_modality(model, processor, samples, batch_size: int = 16) -> dict
 
 
 def plot_routing(routing: dict, out_dir: str | Path, title: str = "") -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    """``routing_load.png`` (per MoE layer the expert load of image and of text tokens) and
+    ``routing_modality_preference.png`` (image share of each expert's tokens), drawn by :mod:`moezoo.plots`."""
+    from ...plots import heatmap_panels
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lt, li = np.array(routing["load_text"]), np.array(routing["load_image"])
-    L, E = lt.shape
-    fig, axes = plt.subplots(1, 2, figsize=(3 + 0.8 * E * 2, 2 + 0.5 * L), sharey=True, constrained_layout=True)
-    for ax, data, name in ((axes[0], li, "image tokens"), (axes[1], lt, "text tokens")):
-        im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0, vmax=max(float(lt.max()), float(li.max()), 1e-6))
-        ax.set_title(f"expert load, {name}")
-        ax.set_xlabel("expert")
-        ax.set_xticks(range(E))
-        ax.set_yticks(range(L))
-    axes[0].set_ylabel("MoE layer (in order)")
-    fig.colorbar(im, ax=axes, shrink=0.8)
-    fig.suptitle(title)
-    p1 = out_dir / "routing_load.png"
-    fig.savefig(p1, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    pref = np.array(routing["image_preference"])
-    fig, ax = plt.subplots(figsize=(3 + 0.8 * E, 2 + 0.5 * L), constrained_layout=True)
-    im = ax.imshow(pref, aspect="auto", cmap="coolwarm", vmin=0, vmax=1)
-    ax.set_xlabel("expert")
-    ax.set_ylabel("MoE layer")
-    ax.set_xticks(range(E))
-    ax.set_yticks(range(L))
-    ax.set_title("image share of each expert's tokens")
-    fig.colorbar(im, ax=ax)
-    p2 = out_dir / "routing_modality_preference.png"
-    fig.savefig(p2, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return [str(p1), str(p2)]
+    load = {"expert load, image tokens": routing["load_image"], "expert load, text tokens": routing["load_text"]}
+    p1 = heatmap_panels(out_dir / "routing_load.png", load, title=title or None, ylabel="MoE layer (in order)")
+    p2 = heatmap_panels(out_dir / "routing_modality_preference.png", [routing["image_preference"]], cmap="coolwarm",
+                        vmin=0.0, vmax=1.0, ylabel="MoE layer", title="image share of each expert's tokens")
+    return [p1, p2]
 
 
 @torch.no_grad()
