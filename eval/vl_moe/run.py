@@ -4,14 +4,13 @@
     python eval/vl_moe/run.py MODEL --llava-json test.json --image-folder images/   # LLaVA-format questions instead
 
 Each model folder is a save_pretrained folder with its processor (what training/vl_moe/train.py writes). Prints one
-table row per model; several folders of the same variant (e.g. seeds) given as VARIANT=DIR1,DIR2,DIR3 are reported as
-mean +- std.
+table row per model; several folders of the same variant (training seeds: run the recipe with ``trainer.seed=S
+output_dir=RUN_S``) given as VARIANT=DIR1,DIR2,DIR3 are reported as mean ± std (sample std).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -21,13 +20,12 @@ if str(ROOT) not in sys.path:
 
 import moezoo  # noqa: E402,F401 - registers the family
 from moezoo.models.vl_moe.data import load_easy_vqa, load_llava_json, pope_probe  # noqa: E402
+from moezoo.metrics.seeds import format_mean_std  # noqa: E402
 from moezoo.models.vl_moe.harness import evaluate_model  # noqa: E402
 
 
 def _fmt(values):
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} +- {statistics.stdev(values):.3f}"
+    return format_mean_std(list(values))
 
 
 def main(argv=None) -> dict:

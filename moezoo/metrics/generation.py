@@ -476,22 +476,30 @@ def evaluate_generation(pipe, real_train: tuple[torch.Tensor, torch.Tensor], rea
 
 
 def results_markdown(res: dict) -> str:
-    """A markdown table of the headline numbers of :func:`evaluate_generation`."""
+    """A markdown table of the headline numbers of :func:`evaluate_generation`, of one run or of
+    :func:`moezoo.metrics.seeds.summarize_runs` over seeds (cells ``mean ± std``)."""
+    from .seeds import format_mean_std
+
+    def f(key, digits=4):
+        return format_mean_std(res.get(key, float("nan")), digits)
+
     rows = [("samples", res.get("num_samples")), ("scheduler / steps / guidance",
             f"{res.get('scheduler')} / {res.get('num_inference_steps')} / {res.get('guidance_scale')}"),
-            ("classifier FID (generated vs test)", res.get("classifier_fid")),
-            ("classifier FID real-vs-real (train vs test, reference)", res.get("classifier_fid_real_vs_real")),
-            ("conditional accuracy", res.get("conditional_accuracy")),
+            ("classifier FID (generated vs test)", f("classifier_fid")),
+            ("classifier FID real-vs-real (train vs test, reference)", f("classifier_fid_real_vs_real")),
+            ("conditional accuracy", f("conditional_accuracy")),
             ("classifier IS (generated / real)",
-             f"{res.get('classifier_inception_score', float('nan')):.3f} / "
-             f"{res.get('classifier_inception_score_real', float('nan')):.3f}"),
-            ("precision / recall (classifier features, k=3)",
-             f"{res.get('precision', float('nan')):.3f} / {res.get('recall', float('nan')):.3f}"),
-            ("evaluation classifier test accuracy", res.get("classifier_test_accuracy")),
-            ("Inception FID / IS", f"{res['inception_fid']:.2f} / {res['inception_score']:.2f}" if "inception_fid" in res
+             f"{f('classifier_inception_score', 3)} / {f('classifier_inception_score_real', 3)}"),
+            ("precision / recall (classifier features, k=3)", f"{f('precision', 3)} / {f('recall', 3)}"),
+            ("evaluation classifier test accuracy", f("classifier_test_accuracy")),
+            ("Inception FID / IS", f"{f('inception_fid', 2)} / {f('inception_score', 2)}" if "inception_fid" in res
              else f"skipped: {res.get('inception_skipped')}"),
-            ("sampling throughput (images/s)", res.get("images_per_second"))]
+            ("sampling throughput (images/s)", f("images_per_second", 2))]
+    if res.get("seeds"):
+        rows.insert(0, ("seeds (mean ± std)", ", ".join(str(s) for s in res["seeds"])))
     lines = ["| metric | value |", "|---|---|"]
     for k, v in rows:
-        lines.append(f"| {k} | {f'{v:.4f}' if isinstance(v, float) else v} |")
+        if isinstance(v, dict):
+            v = format_mean_std(v)
+        lines.append(f"| {k} | {v} |")
     return "\n".join(lines)

@@ -135,3 +135,27 @@ def test_eval_harness_end_to_end_tiny(tmp_path):
                  "eval_classifier.safetensors"):
         assert (out / name).is_file(), name
     assert "| conditional accuracy |" in (out / "metrics.md").read_text()
+
+
+def test_eval_harness_seeds_report_mean_and_std(tmp_path):
+    from diffusers import DDIMScheduler
+
+    from moezoo.models.dit_moe.pipeline_dit_moe import DiTMoEPipeline
+
+    torch.manual_seed(0)
+    m = moezoo.create_model("dit_moe_tiny_e4k2", tiny=True, in_channels=1).eval()
+    DiTMoEPipeline(transformer=m, scheduler=DDIMScheduler()).save_pretrained(tmp_path / "pipe")
+    spec = importlib.util.spec_from_file_location("dit_moe_eval_run", ROOT / "eval" / "dit_moe" / "run.py")
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    out = tmp_path / "eval"
+    res = run.main(["--pipeline", str(tmp_path / "pipe"), "--output-dir", str(out), "--dataset", "digits",
+                    "--per-class", "2", "--steps", "2", "--classifier-epochs", "1", "--no-progress", "--no-routing",
+                    "--seeds", "0", "1"])
+    saved = json.loads((out / "metrics.json").read_text())
+    fid = saved["classifier_fid"]
+    assert saved["seeds"] == [0, 1] and fid["n"] == 2 and len(saved["runs"]) == 2
+    assert fid["values"] == pytest.approx([r["classifier_fid"] for r in res["runs"]])
+    assert fid["values"][0] != fid["values"][1]          # different sampling seeds draw different images
+    assert fid["mean"] == pytest.approx(sum(fid["values"]) / 2) and fid["std"] > 0
+    assert "±" in (out / "metrics.md").read_text()
