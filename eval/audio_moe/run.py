@@ -3,6 +3,10 @@ null-expert rate, FFN FLOPs per token), generated wav + spectrogram PNG per prom
 
     python eval/audio_moe/run.py --model runs/audio_moe/3_joint/final --codec runs/audio_codec --out runs/eval_audio
     python eval/audio_moe/run.py --model audio_moe_small_e8k2 --tiny --codec random:dac --items 4   # smoke run
+    python eval/audio_moe/run.py --model RUN_0/final RUN_1/final RUN_2/final --codec ...   # training seeds: mean ± std
+
+Several ``--model`` folders (one per training seed: run the recipe with ``trainer.seed=S output_dir=RUN_S``) are
+evaluated one by one into ``OUT/run_<i>`` and summarised in ``OUT/summary.json`` and a printed mean ± std table.
 """
 from __future__ import annotations
 
@@ -12,7 +16,8 @@ import json
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="a save_pretrained folder or a registry name (fresh weights)")
+    ap.add_argument("--model", required=True, nargs="+",
+                    help="save_pretrained folder(s) (several: seeds of one variant) or a registry name (fresh weights)")
     ap.add_argument("--tiny", action="store_true", help="with a registry name: its tiny variant")
     ap.add_argument("--codec", required=True, help="an Encodec/DAC/Mimi save_pretrained folder, or random:dac")
     ap.add_argument("--speech", default="asterisk")
@@ -26,25 +31,40 @@ def main(argv=None) -> int:
     from pathlib import Path
 
     import moezoo
+    from moezoo.metrics.seeds import format_mean_std, summarize_runs
     from moezoo.models.audio_moe import MoezooAudioMoeForCausalLM
     from moezoo.models.audio_moe.data_audio import split_items
     from moezoo.models.audio_moe.harness import run_harness
     from moezoo.models.audio_moe.recipe import load_codec, load_items
 
     codec = load_codec({"random": "dac"} if args.codec == "random:dac" else {"path": args.codec})
-    if Path(args.model).is_dir():
-        model = MoezooAudioMoeForCausalLM.from_pretrained(args.model)
-    else:
-        model = moezoo.create_model(args.model, tiny=args.tiny, vocab_size=256, num_codebooks=codec.num_codebooks,
-                                    codebook_size=codec.codebook_size,
-                                    delay_pattern=list(range(codec.num_codebooks)))
     items = []
     for source in (args.speech, args.music):
         _, held_out = split_items(load_items(source), held_out=0.1)
         items += held_out[: args.items]
-    report = run_harness(model, codec, items, args.out, max_frames=args.max_frames,
-                         max_new_tokens=args.max_new_tokens)
-    print(json.dumps({t: {k: v for k, v in r.items() if k != "layers"} for t, r in report["tasks"].items()}, indent=1))
+    reports = []
+    for i, name in enumerate(args.model):
+        if Path(name).is_dir():
+            model = MoezooAudioMoeForCausalLM.from_pretrained(name)
+        else:
+            model = moezoo.create_model(name, tiny=args.tiny, vocab_size=256, num_codebooks=codec.num_codebooks,
+                                        codebook_size=codec.codebook_size,
+                                        delay_pattern=list(range(codec.num_codebooks)))
+        out = args.out if len(args.model) == 1 else Path(args.out) / f"run_{i}"
+        reports.append(run_harness(model, codec, items, out, max_frames=args.max_frames,
+                                   max_new_tokens=args.max_new_tokens))
+    print(json.dumps({t: {k: v for k, v in r.items() if k != "layers"} for t, r in reports[0]["tasks"].items()},
+                     indent=1))
+    if len(reports) > 1:
+        summary = summarize_runs([r["tasks"] for r in reports])
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "summary.json").write_text(json.dumps({"models": args.model, "tasks": summary}, indent=1))
+        print("| task | runs | codec-token loss | real experts / token (mean over layers) |")
+        print("|---|---|---|---|")
+        for task, r in summary.items():
+            per_layer = [v["real_experts_per_token"]["mean"] for v in r.get("layers", {}).values()]
+            exp = f"{sum(per_layer) / len(per_layer):.2f}" if per_layer else "-"
+            print(f"| {task} | {len(reports)} | {format_mean_std(r['codec_token_loss'])} | {exp} |")
     return 0
 
 

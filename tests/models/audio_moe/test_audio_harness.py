@@ -24,3 +24,16 @@ def test_harness_smoke(tmp_path):
     for g in res["generated"]:
         if "wav" in g:
             assert Path(g["wav"]).is_file() and Path(g["png"]).is_file()
+
+
+def test_harness_several_models_report_mean_and_std(tmp_path):
+    spec = importlib.util.spec_from_file_location("audio_moe_run", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--model", "audio_moe_small_e8k2", "audio_moe_small_e8k2", "--tiny", "--codec", "random:dac",
+                     "--items", "1", "--max-frames", "8", "--max-new-tokens", "4", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())["tasks"]
+    for task in ("speech", "music"):
+        loss = summary[task]["codec_token_loss"]
+        assert loss["n"] == 2 and len(loss["values"]) == 2 and loss["std"] >= 0
+        assert (tmp_path / f"run_{1}" / "results.json").is_file()
