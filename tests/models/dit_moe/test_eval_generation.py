@@ -108,6 +108,13 @@ def test_routing_analysis_counts_conditional_tokens_per_step(tmp_path):
     assert Path(png).is_file()
 
 
+def _eval_script():
+    spec = importlib.util.spec_from_file_location("dit_moe_eval_run", ROOT / "eval" / "dit_moe" / "run.py")
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    return run
+
+
 def test_eval_harness_end_to_end_tiny(tmp_path):
     from diffusers import DDPMScheduler
 
@@ -117,9 +124,7 @@ def test_eval_harness_end_to_end_tiny(tmp_path):
     m = moezoo.create_model("dit_moe_tiny_e4k2", tiny=True, in_channels=1).eval()
     DiTMoEPipeline(transformer=m, scheduler=DDPMScheduler(variance_type="learned_range")).save_pretrained(
         tmp_path / "pipe")
-    spec = importlib.util.spec_from_file_location("dit_moe_eval_run", ROOT / "eval" / "dit_moe" / "run.py")
-    run = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run)
+    run = _eval_script()
     out = tmp_path / "eval"
     res = run.main(["--pipeline", str(tmp_path / "pipe"), "--output-dir", str(out), "--dataset", "digits",
                     "--per-class", "2", "--steps", "2", "--classifier-epochs", "1", "--scheduler", "ddim",
@@ -145,9 +150,7 @@ def test_eval_harness_seeds_report_mean_and_std(tmp_path):
     torch.manual_seed(0)
     m = moezoo.create_model("dit_moe_tiny_e4k2", tiny=True, in_channels=1).eval()
     DiTMoEPipeline(transformer=m, scheduler=DDIMScheduler()).save_pretrained(tmp_path / "pipe")
-    spec = importlib.util.spec_from_file_location("dit_moe_eval_run", ROOT / "eval" / "dit_moe" / "run.py")
-    run = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run)
+    run = _eval_script()
     out = tmp_path / "eval"
     res = run.main(["--pipeline", str(tmp_path / "pipe"), "--output-dir", str(out), "--dataset", "digits",
                     "--per-class", "2", "--steps", "2", "--classifier-epochs", "1", "--no-progress", "--no-routing",
