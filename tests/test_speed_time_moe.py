@@ -67,3 +67,18 @@ def test_rope_table_matches_direct_computation_and_grows():
     assert rope._tables[(far.device, torch.float32)][0].shape[0] > 20000
     with pytest.raises(ValueError, match="even"):
         RotaryEmbedding(7)
+
+
+def test_bf16_autocast_switch_forecasts_close_to_fp32_with_fp32_routers():
+    model = _model()
+    ctx = torch.randn(3, 40).cumsum(-1)
+    ref = model.forecast(ctx, 12)
+    got = model.forecast(ctx, 12, autocast=torch.bfloat16)
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    err = abs(got - ref).max() / (abs(ref).max() + 1e-6)
+    assert 0 < err < 0.1, err  # bf16 matmuls really ran, and stay close
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        out = model(input_ids=torch.randn(2, 16), output_router_logits=True)
+    assert all(r.dtype == torch.float32 for r in out.router_logits)
+    with pytest.raises(ValueError, match="autocast"):
+        model.generate(torch.randn(1, 8), max_new_tokens=2, autocast="bf16")

@@ -507,7 +507,15 @@ class MoezooTimeMoeForPrediction(MoezooTimeMoePreTrainedModel, GenerationMixin):
         Each step asks for the points still missing, takes the head :meth:`select_horizon` picks for that number,
         appends ALL its points (the last position's output) and feeds only them next step (KV cache; ``use_cache=False``
         re-runs the whole sequence). ``attention_mask`` (B, T): 0 marks left padding. Greedy only (no sampling/beams).
+        ``autocast``: a dtype (``torch.bfloat16``) to decode under ``torch.autocast`` (matmuls in that dtype; routers,
+        norms and softmax stay fp32; the returned values are fp32), or None.
         """
+        autocast = kwargs.pop("autocast", None)
+        if autocast is not None:
+            if autocast not in (torch.bfloat16, torch.float16):
+                raise ValueError(f"autocast must be torch.bfloat16, torch.float16 or None, got {autocast!r}")
+            with torch.autocast(self.device.type, dtype=autocast):
+                return self.generate(inputs, generation_config=generation_config, **kwargs).float()
         if "input_ids" in kwargs:
             if inputs is not None:
                 raise ValueError("pass input_ids or inputs, not both")
