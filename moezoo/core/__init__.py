@@ -18,6 +18,7 @@ from .parallel import base_model_ep_plan, distribute_experts, ep_plan
 from .routing import (ROUTERS, ConditionRouter, ExpertChoiceRouter, GatingResidualRouter, ModalityRouter,
                       NullExpertTopKRouter, PooledRouter, PrototypeRouter, Router, RouterOutput, Top2CapacityRouter,
                       TopKRouter, TopPRouter, UncertaintyRouter, UnconditionalRouter, build_router, register_router)
+from .routing.output import data_check
 from .stats import RoutingStats, expert_load, routing_entropy
 from .upcycle import UpcycledMoE, collect_router_outputs, upcycle_model, upcycled_balance_loss
 
@@ -32,7 +33,7 @@ __all__ = [
     # routing
     "Router", "RouterOutput", "ROUTERS", "register_router", "build_router", "TopKRouter", "NullExpertTopKRouter",
     "GatingResidualRouter", "TopPRouter", "ExpertChoiceRouter", "ConditionRouter", "PooledRouter", "ModalityRouter", "UnconditionalRouter",
-    "PrototypeRouter", "UncertaintyRouter", "Top2CapacityRouter", "CameraRouter",
+    "PrototypeRouter", "UncertaintyRouter", "Top2CapacityRouter", "CameraRouter", "data_check",
     # losses
     "switch_balance_loss", "router_z_loss", "sequence_balance_loss", "update_selection_bias", "null_expert_usage",
     "routing_contrastive_loss", "mutual_information_loss", "modality_balance_loss",

@@ -225,15 +225,30 @@ class BufferPool:
         self._bufs: list[torch.Tensor] = []
         self._lock = threading.Lock()
         self.max_free_bytes = max_free_bytes
+        self._enabled = True
 
     @staticmethod
     def _in_use(buf: torch.Tensor) -> bool:
         # the temporary storage object made by untyped_storage() holds one reference, the pool another
         return torch._C._storage_Use_Count(buf.untyped_storage()._cdata) > 2
 
+    def disabled(self):
+        """Context manager: plain allocations inside (the compiled path's outputs leave the kernel)."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def _off():
+            prev, self._enabled = self._enabled, False
+            try:
+                yield
+            finally:
+                self._enabled = prev
+
+        return _off()
+
     def empty(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         numel = math.prod(shape)
-        if device.type != "cpu" or numel * torch.finfo(dtype).bits // 8 < self.min_bytes:
+        if not self._enabled or device.type != "cpu" or numel * torch.finfo(dtype).bits // 8 < self.min_bytes:
             return torch.empty(shape, dtype=dtype, device=device)
         with self._lock:
             best = None
@@ -297,6 +312,114 @@ def _counts_tensor(counts, device) -> torch.Tensor:
     return counts if torch.is_tensor(counts) else torch.tensor(counts, device=device)
 
 
+def _gate_from_spec(act: str, up_first: bool, gated: bool):
+    """The ``_ExpertsBase._apply_gate`` of experts with these settings (the custom op receives names, not callables)."""
+    act_fn = get_activation(act)
+
+    def gate(h: torch.Tensor) -> torch.Tensor:
+        if not gated:
+            return act_fn(h)
+        first, second = h.chunk(2, dim=-1)
+        g, u = (second, first) if up_first else (first, second)
+        return act_fn(g) * u
+
+    return gate
+
+
+# activations whose derivative the custom op computes with aten's backward kernels (it runs below autograd)
+_ACT_BACKWARD = {
+    "silu": lambda g, x: torch.ops.aten.silu_backward(g, x),
+    "swish": lambda g, x: torch.ops.aten.silu_backward(g, x),
+    "gelu": lambda g, x: torch.ops.aten.gelu_backward(g, x),
+    "gelu_tanh": lambda g, x: torch.ops.aten.gelu_backward(g, x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda g, x: torch.ops.aten.gelu_backward(g, x, approximate="tanh"),
+    "relu": lambda g, x: torch.ops.aten.threshold_backward(g, x, 0),
+}
+
+
+def _gate_backward_from_spec(act: str, up_first: bool, gated: bool):
+    """d(gate)/dh without autograd, for the activations of :data:`_ACT_BACKWARD`."""
+    act_fn, act_bwd = get_activation(act), _ACT_BACKWARD[act]
+
+    def gate_backward(h: torch.Tensor, da: torch.Tensor) -> torch.Tensor:
+        if not gated:
+            return act_bwd(da, h)
+        first, second = h.chunk(2, dim=-1)
+        g, u = (second, first) if up_first else (first, second)
+        dg, du = act_bwd(da * u, g), da * act_fn(g)
+        return torch.cat((du, dg) if up_first else (dg, du), dim=-1)
+
+    return gate_backward
+
+
+def _sorted_forward(x, tok, w, offs, counts, W1, W2, b1, b2, gate_fn, use_gmm, fast_swiglu):
+    """Forward of the sorted experts kernel: (out (T, H), tensors the backward needs)."""
+    xs = torch.index_select(x, 0, tok, out=POOL.empty((tok.shape[0], x.shape[1]), x.dtype, x.device))
+    W1t = W1.transpose(-2, -1)
+    W2t = W2.transpose(-2, -1)
+    h = _gmm(xs, W1t, offs) if use_gmm else _loop_mm(xs, W1t, counts)
+    if b1 is not None:
+        h = h + b1.repeat_interleave(_counts_tensor(counts, h.device), dim=0, output_size=h.shape[0])
+    if fast_swiglu:
+        g, u = h.chunk(2, dim=-1)
+        sg = torch.ops.aten.silu.out(g, out=POOL.empty(g.shape, g.dtype, g.device))
+        a = torch.mul(sg, u, out=POOL.empty(g.shape, g.dtype, g.device))
+    else:
+        sg = None
+        a = gate_fn(h)
+    y = _gmm(a, W2t, offs) if use_gmm else _loop_mm(a, W2t, counts)
+    if b2 is not None:
+        y = y + b2.repeat_interleave(_counts_tensor(counts, y.device), dim=0, output_size=y.shape[0])
+    out = torch.zeros_like(x)
+    out.index_add_(0, tok, torch.mul(y, w.unsqueeze(-1).to(y.dtype), out=POOL.empty(y.shape, y.dtype, y.device)))
+    return out, (xs, h, sg, a, y)
+
+
+def _sorted_backward(grad_out, tok, w, offs, counts, W1, W2, xs, h, sg, a, y, gate_fn, use_gmm, fast_swiglu,
+                     has_b1, has_b2, needs_x=True, needs_w=True, needs_W1=True, needs_W2=True, gate_backward=None):
+    """Backward of :func:`_sorted_forward`: (grad_x, grad_w (S,), dW1, dW2, db1, db2), None where not needed."""
+    grad_out = grad_out.contiguous()
+    gos = torch.index_select(grad_out, 0, tok, out=POOL.empty((tok.shape[0], grad_out.shape[1]), grad_out.dtype,
+                                                               grad_out.device))
+    grad_w = torch.linalg.vecdot(gos, y).to(w.dtype) if needs_w else None
+    dy = gos.mul_(w.unsqueeze(-1).to(gos.dtype))
+    da = _gmm(dy, W2, offs) if use_gmm else _loop_mm(dy, W2, counts)
+    if fast_swiglu:
+        g, u = h.chunk(2, dim=-1)
+        inter = g.shape[-1]
+        dh = POOL.empty(h.shape, h.dtype, h.device)
+        torch.mul(da, sg, out=dh[:, inter:])
+        torch.ops.aten.silu_backward.grad_input(da.mul_(u), g, grad_input=dh[:, :inter])
+    elif gate_backward is not None:
+        dh = gate_backward(h, da)
+    else:
+        with torch.enable_grad():
+            h_ = h.detach().requires_grad_(True)
+            a_ = gate_fn(h_)
+        (dh,) = torch.autograd.grad(a_, h_, da)
+    if use_gmm:
+        dW2 = _gmm(dy.t(), a, offs) if needs_W2 else None
+        dW1 = _gmm(dh.t(), xs, offs) if needs_W1 else None
+    else:
+        dW2 = _loop_wgrad(dy.t(), a, counts, W2.shape) if needs_W2 else None
+        dW1 = _loop_wgrad(dh.t(), xs, counts, W1.shape) if needs_W1 else None
+    grad_x = None
+    if needs_x:
+        dxs = _gmm(dh, W1, offs) if use_gmm else _loop_mm(dh, W1, counts)
+        grad_x = torch.zeros(grad_out.shape, dtype=dxs.dtype, device=dxs.device)
+        grad_x.index_add_(0, tok, dxs)
+    db1 = db2 = None
+    if has_b1 or has_b2:
+        n_groups = W1.shape[0]
+        seg = torch.repeat_interleave(torch.arange(n_groups, device=dy.device), _counts_tensor(counts, dy.device),
+                                      output_size=dy.shape[0])
+        if has_b1:
+            db1 = torch.zeros(W1.shape[0], W1.shape[1], dtype=dh.dtype, device=dh.device).index_add_(0, seg, dh)
+        if has_b2:
+            db2 = torch.zeros(W2.shape[0], W2.shape[1], dtype=dy.dtype, device=dy.device).index_add_(0, seg, dy)
+    return grad_x, grad_w, dW1, dW2, db1, db2
+
+
 class _SortedExpertsFunction(torch.autograd.Function):
     """y[t] = sum_slots w * down_e(act(gate_up_e(x[t]))) for slots sorted by expert.
 
@@ -307,24 +430,8 @@ class _SortedExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, tok, w, offs, counts, W1, W2, b1, b2, gate_fn, use_gmm, fast_swiglu):
-        xs = torch.index_select(x, 0, tok, out=POOL.empty((tok.shape[0], x.shape[1]), x.dtype, x.device))
-        W1t = W1.transpose(-2, -1)
-        W2t = W2.transpose(-2, -1)
-        h = _gmm(xs, W1t, offs) if use_gmm else _loop_mm(xs, W1t, counts)
-        if b1 is not None:
-            h = h + b1.repeat_interleave(_counts_tensor(counts, h.device), dim=0, output_size=h.shape[0])
-        if fast_swiglu:
-            g, u = h.chunk(2, dim=-1)
-            sg = torch.ops.aten.silu.out(g, out=POOL.empty(g.shape, g.dtype, g.device))
-            a = torch.mul(sg, u, out=POOL.empty(g.shape, g.dtype, g.device))
-        else:
-            sg = None
-            a = gate_fn(h)
-        y = _gmm(a, W2t, offs) if use_gmm else _loop_mm(a, W2t, counts)
-        if b2 is not None:
-            y = y + b2.repeat_interleave(_counts_tensor(counts, y.device), dim=0, output_size=y.shape[0])
-        out = torch.zeros_like(x)
-        out.index_add_(0, tok, torch.mul(y, w.unsqueeze(-1).to(y.dtype), out=POOL.empty(y.shape, y.dtype, y.device)))
+        out, (xs, h, sg, a, y) = _sorted_forward(x, tok, w, offs, counts, W1, W2, b1, b2, gate_fn, use_gmm,
+                                                 fast_swiglu)
         ctx.save_for_backward(xs, tok, w, offs, h, sg, a, y, W1, W2)
         ctx.counts, ctx.gate_fn, ctx.use_gmm, ctx.fast_swiglu = counts, gate_fn, use_gmm, fast_swiglu
         ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
@@ -333,43 +440,10 @@ class _SortedExpertsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         xs, tok, w, offs, h, sg, a, y, W1, W2 = ctx.saved_tensors
-        counts, use_gmm = ctx.counts, ctx.use_gmm
-        grad_out = grad_out.contiguous()
-        gos = torch.index_select(grad_out, 0, tok, out=POOL.empty((tok.shape[0], grad_out.shape[1]), grad_out.dtype,
-                                                                   grad_out.device))
-        grad_w = torch.linalg.vecdot(gos, y).to(w.dtype) if ctx.needs_input_grad[2] else None
-        dy = gos.mul_(w.unsqueeze(-1).to(gos.dtype))
-        da = _gmm(dy, W2, offs) if use_gmm else _loop_mm(dy, W2, counts)
-        if ctx.fast_swiglu:
-            g, u = h.chunk(2, dim=-1)
-            inter = g.shape[-1]
-            dh = POOL.empty(h.shape, h.dtype, h.device)
-            torch.mul(da, sg, out=dh[:, inter:])
-            torch.ops.aten.silu_backward.grad_input(da.mul_(u), g, grad_input=dh[:, :inter])
-        else:
-            with torch.enable_grad():
-                h_ = h.detach().requires_grad_(True)
-                a_ = ctx.gate_fn(h_)
-            (dh,) = torch.autograd.grad(a_, h_, da)
-        if use_gmm:
-            dW2 = _gmm(dy.t(), a, offs) if ctx.needs_input_grad[6] else None
-            dW1 = _gmm(dh.t(), xs, offs) if ctx.needs_input_grad[5] else None
-        else:
-            dW2 = _loop_wgrad(dy.t(), a, counts, W2.shape) if ctx.needs_input_grad[6] else None
-            dW1 = _loop_wgrad(dh.t(), xs, counts, W1.shape) if ctx.needs_input_grad[5] else None
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            dxs = _gmm(dh, W1, offs) if use_gmm else _loop_mm(dh, W1, counts)
-            grad_x = torch.zeros(grad_out.shape, dtype=dxs.dtype, device=dxs.device)
-            grad_x.index_add_(0, tok, dxs)
-        db1 = db2 = None
-        if ctx.has_b1 or ctx.has_b2:
-            seg = torch.repeat_interleave(torch.arange(len(counts), device=dy.device), _counts_tensor(counts, dy.device),
-                                          output_size=dy.shape[0])
-            if ctx.has_b1:
-                db1 = torch.zeros(W1.shape[0], W1.shape[1], dtype=dh.dtype, device=dh.device).index_add_(0, seg, dh)
-            if ctx.has_b2:
-                db2 = torch.zeros(W2.shape[0], W2.shape[1], dtype=dy.dtype, device=dy.device).index_add_(0, seg, dy)
+        n = ctx.needs_input_grad
+        grad_x, grad_w, dW1, dW2, db1, db2 = _sorted_backward(
+            grad_out, tok, w, offs, ctx.counts, W1, W2, xs, h, sg, a, y, ctx.gate_fn, ctx.use_gmm, ctx.fast_swiglu,
+            ctx.has_b1, ctx.has_b2, needs_x=n[0], needs_w=n[2], needs_W1=n[5], needs_W2=n[6])
         return grad_x, None, grad_w, None, None, dW1, dW2, db1, db2, None, None, None
 
 
@@ -378,6 +452,7 @@ def sort_by_expert(top_k_index: torch.Tensor, num_experts: int):
 
     Returns ``(order, token_of_slot, counts, offsets)`` where ``order`` indexes the flattened (T*k,) slots of *valid*
     experts only (sentinels ``>= num_experts`` are dropped), ``counts`` (E,) and ``offsets`` (E,) int32 cumulative.
+    Dropping the sentinels reads their number on the host (a sync); :func:`sort_by_expert_static` does not.
     """
     k = top_k_index.shape[-1]
     flat = top_k_index.reshape(-1)
@@ -388,30 +463,163 @@ def sort_by_expert(top_k_index: torch.Tensor, num_experts: int):
     return order, order // k, counts, counts.cumsum(0).to(torch.int32)
 
 
+def sort_by_expert_static(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int):
+    """Static-shape sort of ALL T*k slots by expert: no host sync, no data-dependent shape (compiled graphs, CUDA).
+
+    Sentinel slots (ids ``>= num_experts``) go to the last expert with weight 0: they cost that expert some rows but
+    contribute nothing to the output nor to any gradient. Returns ``(order, token_of_slot, weight_of_slot, valid_slot,
+    counts, offsets)`` (all (T*k,) but counts/offsets (E,); offsets int32 cumulative).
+    """
+    k = top_k_index.shape[-1]
+    flat = top_k_index.reshape(-1)
+    valid = flat < num_experts
+    key = torch.where(valid, flat, num_experts - 1)
+    sorted_ids, order = torch.sort(key, stable=True)
+    # searchsorted instead of bincount: a static output shape for the compiler
+    offs = torch.searchsorted(sorted_ids, torch.arange(num_experts, device=flat.device, dtype=sorted_ids.dtype),
+                              right=True)
+    counts = torch.diff(offs, prepend=offs.new_zeros(1))
+    valid = valid[order]
+    w = torch.where(valid, top_k_weights.reshape(-1)[order], torch.zeros((), dtype=top_k_weights.dtype,
+                                                                            device=top_k_weights.device))
+    return order, order // k, w, valid, counts, offs.to(torch.int32)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The compiled path: the same kernel as one opaque custom op (static shapes in, static shapes out)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moezoo::sorted_experts", mutates_args=())
+def _experts_op(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, W1: torch.Tensor,
+                W2: torch.Tensor, b1: torch.Tensor | None, b2: torch.Tensor | None, act: str, up_first: bool,
+                gated: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                      torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Experts forward over all T*k slots (sentinels weighted 0); returns (out, order, xs, h, sg, a, y, counts)."""
+    E = W1.shape[0]
+    order, tok, w, _, counts, offs = sort_by_expert_static(top_k_index, top_k_weights, E)
+    use_gmm = _use_grouped_mm(x.device)
+    fast = _is_fast_swiglu(act, up_first, gated)
+    with POOL.disabled():  # the outputs leave the op: never hand them out again
+        out, (xs, h, sg, a, y) = _sorted_forward(x, tok, w, offs, counts if use_gmm else counts.tolist(), W1, W2,
+                                                 b1, b2, _gate_from_spec(act, up_first, gated), use_gmm, fast)
+    if sg is None:
+        sg = x.new_empty(0)
+    return out, order, xs, h.clone() if h._base is not None else h, sg, a, y, counts
+
+
+@_experts_op.register_fake
+def _(x, top_k_index, top_k_weights, W1, W2, b1, b2, act, up_first, gated):
+    S = top_k_index.numel()
+    inter = W2.shape[-1]
+    fast = _is_fast_swiglu(act, up_first, gated)
+    return (torch.empty_like(x), top_k_index.new_empty(S, dtype=torch.long), x.new_empty(S, x.shape[1]),
+            x.new_empty(S, W1.shape[1]), x.new_empty((S, inter) if fast else (0,)), x.new_empty(S, inter),
+            x.new_empty(S, W2.shape[1]), top_k_index.new_empty(W1.shape[0], dtype=torch.long))
+
+
+@torch.library.custom_op("moezoo::sorted_experts_backward", mutates_args=())
+def _experts_backward_op(grad_out: torch.Tensor, top_k_weights: torch.Tensor, order: torch.Tensor,
+                         counts: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor, xs: torch.Tensor, h: torch.Tensor,
+                         sg: torch.Tensor, a: torch.Tensor, y: torch.Tensor, act: str, up_first: bool, gated: bool,
+                         has_b1: bool, has_b2: bool) -> list[torch.Tensor]:
+    """Gradients (x, top_k_weights, W1, W2, b1, b2) of :func:`_experts_op` (empty tensors for absent biases)."""
+    E = W1.shape[0]
+    k = top_k_weights.shape[-1]
+    flat = top_k_weights.reshape(-1)
+    use_gmm = _use_grouped_mm(grad_out.device)
+    fast = _is_fast_swiglu(act, up_first, gated)
+    offs = counts.cumsum(0).to(torch.int32)
+    tok = order // k
+    # sentinel slots: weight 0 in the forward; their flags are recomputed from the sorted expert of each slot
+    w = flat[order]
+    with POOL.disabled():
+        gx, gw, dW1, dW2, db1, db2 = _sorted_backward(
+            grad_out, tok, w, offs, counts if use_gmm else counts.tolist(), W1, W2, xs, h, sg if fast else None, a,
+            y, _gate_from_spec(act, up_first, gated), use_gmm, fast, has_b1, has_b2,
+            gate_backward=None if fast else _gate_backward_from_spec(act, up_first, gated))
+    grad_w = torch.zeros_like(flat).index_copy_(0, order, gw).view_as(top_k_weights)
+    return [gx, grad_w, dW1, dW2, db1 if db1 is not None else grad_out.new_empty(0),
+            db2 if db2 is not None else grad_out.new_empty(0)]
+
+
+@_experts_backward_op.register_fake
+def _(grad_out, top_k_weights, order, counts, W1, W2, xs, h, sg, a, y, act, up_first, gated, has_b1, has_b2):
+    return [torch.empty_like(grad_out), torch.empty_like(top_k_weights), torch.empty_like(W1), torch.empty_like(W2),
+            grad_out.new_empty(W1.shape[:2] if has_b1 else (0,)), grad_out.new_empty(W2.shape[:2] if has_b2 else (0,))]
+
+
+def _experts_op_setup(ctx, inputs, output):
+    x, top_k_index, top_k_weights, W1, W2, b1, b2, act, up_first, gated = inputs
+    _, order, xs, h, sg, a, y, counts = output
+    valid = (top_k_index.reshape(-1) < W1.shape[0]).view_as(top_k_weights)
+    ctx.save_for_backward(top_k_weights, valid, order, counts, W1, W2, xs, h, sg, a, y)
+    ctx.spec = (act, up_first, gated, b1 is not None, b2 is not None)
+
+
+def _experts_op_backward(ctx, grad_out, *_unused):
+    top_k_weights, valid, order, counts, W1, W2, xs, h, sg, a, y = ctx.saved_tensors
+    # sentinel slots carry weight 0 into the kernel, so zero them in the weights it sees
+    w_in = torch.where(valid, top_k_weights, torch.zeros((), dtype=top_k_weights.dtype, device=top_k_weights.device))
+    gx, gw, dW1, dW2, db1, db2 = _experts_backward_op(grad_out, w_in, order, counts, W1, W2, xs, h, sg, a, y,
+                                                      *ctx.spec)
+    gw = torch.where(valid, gw, torch.zeros((), dtype=gw.dtype, device=gw.device))
+    act, up_first, gated, has_b1, has_b2 = ctx.spec
+    return (gx, None, gw, dW1, dW2, db1 if has_b1 else None, db2 if has_b2 else None, None, None, None)
+
+
+_experts_op.register_autograd(_experts_op_backward, setup_context=_experts_op_setup)
+
+
+def _is_fast_swiglu(act, up_first: bool, gated: bool) -> bool:
+    return bool(gated and not up_first and act in ("silu", "swish"))
+
+
+def _use_grouped_mm(device: torch.device) -> bool:
+    # CUDA (sm80+): one grouped-mm kernel per projection.  CPU: a per-expert ``torch.mm`` loop writing into one
+    # buffer measured faster than torch's CPU grouped-mm kernel (eval/speed/moe_layer.py).
+    return device.type == "cuda" and _has_grouped_mm(device)
+
+
+def _sync_free_routing(device: torch.device) -> bool:
+    """Whether the routed path must avoid host syncs (everything but the CPU, where reading counts is free)."""
+    return device.type != "cpu"
+
+
 def moezoo_experts_forward(self: _ExpertsBase, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                            top_k_weights: torch.Tensor) -> torch.Tensor:
     """moezoo's experts implementation (registered as ``"moezoo"``): sort-based dropless dispatch, grouped matmuls.
 
-    On CPU and on CUDA (sm80+) it runs ``torch._grouped_mm``; elsewhere a per-expert ``torch.mm`` loop inside the same
-    autograd function (never ``w[e]`` under autograd).
+    Three paths, chosen at run time, one kernel (:func:`_sorted_forward` / :func:`_sorted_backward`):
+
+    - eager on CPU: sentinel slots dropped (host-side counts), a per-expert ``torch.mm`` loop into one buffer;
+    - accelerators (CUDA sm80+ runs ``torch._grouped_mm``): the static-shape sort, counts stay on the device, no
+      host sync anywhere in the routed path;
+    - under ``torch.compile``: the same kernel as the opaque custom op ``moezoo::sorted_experts`` (static shapes in and
+      out, its own backward op), so the compiled graph neither breaks nor recompiles on routing decisions.
     """
     if hidden_states.dim() != 2:
         raise ValueError(f"hidden_states must be (tokens, hidden), got shape {tuple(hidden_states.shape)}")
     if not isinstance(self, _ExpertsBase):  # a transformers experts class (model.set_experts_implementation("moezoo"))
         self = _TransformersExpertsView(self)
-    order, tok, counts, offs = sort_by_expert(top_k_index, self.num_experts)
-    w = top_k_weights.reshape(-1)[order]
     W1, W2 = self.in_proj, self.down_proj
     if hidden_states.dtype != W1.dtype:
         hidden_states = hidden_states.to(W1.dtype)
-    # CUDA (sm80+): one grouped-mm kernel per projection.  CPU: a per-expert ``torch.mm`` loop writing into one
-    # buffer measured faster than torch's CPU grouped-mm kernel (eval/speed/moe_layer.py).
-    use_gmm = hidden_states.device.type == "cuda" and _has_grouped_mm(hidden_states.device)
-    # the per-expert loop needs host-side counts; the grouped-mm path keeps them on the device (no sync)
-    counts_arg = counts if use_gmm else counts.tolist()
     b1 = self.in_proj_bias
     b2 = self.down_proj_bias if self._bias else None
-    fast_swiglu = self.gated and not self.up_first and self.hidden_act in ("silu", "swish") and type(self)._apply_gate is _ExpertsBase._apply_gate
+    standard_gate = isinstance(self, _ExpertsBase) and type(self)._apply_gate is _ExpertsBase._apply_gate
+    fast_swiglu = standard_gate and _is_fast_swiglu(self.hidden_act, self.up_first, self.gated)
+    if torch.compiler.is_compiling() and standard_gate and self.hidden_act in _ACT_BACKWARD:
+        return _experts_op(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype), W1, W2, b1, b2,
+                           self.hidden_act, self.up_first, self.gated)[0]
+    use_gmm = _use_grouped_mm(hidden_states.device)
+    if not _sync_free_routing(hidden_states.device):
+        order, tok, counts, offs = sort_by_expert(top_k_index, self.num_experts)
+        w = top_k_weights.reshape(-1)[order]
+    else:  # no host sync: every slot goes through, sentinels with weight 0
+        _, tok, w, _, counts, offs = sort_by_expert_static(top_k_index, top_k_weights, self.num_experts)
+    # the per-expert loop needs host-side counts; the grouped-mm path keeps them on the device (no sync)
+    counts_arg = counts if use_gmm else counts.tolist()
     return _SortedExpertsFunction.apply(hidden_states, tok, w, offs, counts_arg, W1, W2, b1, b2, self._apply_gate,
                                         use_gmm, fast_swiglu)
 

@@ -136,10 +136,11 @@ class MoELayer(nn.Module):
         idx, w = routing.indices, routing.weights
         E = self.num_ffn_experts
         routed = idx < E
-        if idx.shape[-1] > 1 and idx.device.type == "cpu":
+        if idx.shape[-1] > 1 and idx.device.type == "cpu" and not torch.compiler.is_compiling():
             # dynamic-k routers (top-p) pad every token to the widest possible selection; slots that no token fills
             # with an FFN expert (sentinel / zero-FLOP ids) would only add dispatch work, so the experts skip them
-            # (CPU only: the check is a host sync, and the grouped-mm path on accelerators skips sentinels itself)
+            # (eager CPU only: the check is a host sync and a graph break; the static-shape kernel of accelerators and
+            # compiled graphs weights sentinel slots 0 itself)
             live = routed.any(0)
             if not bool(live.all()):
                 idx_e, w_e, routed_e = idx[:, live], w[:, live], routed[:, live]

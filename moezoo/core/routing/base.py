@@ -64,7 +64,8 @@ class Router(nn.Module):
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(T, H) -> (T, R) gate logits in ``router_dtype``."""
         dt = self.router_dtype
-        return F.linear(x.to(dt), self.weight.to(dt), None if self.bias is None else self.bias.to(dt))
+        with torch.autocast(x.device.type, enabled=False):  # under bf16 autocast the router stays in router_dtype
+            return F.linear(x.to(dt), self.weight.to(dt), None if self.bias is None else self.bias.to(dt))
 
     def score(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits) if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)

@@ -76,14 +76,28 @@ class RouterOutput:
 # ---------------------------------------------------------------------------------------------------------- argument checks
 
 
+def data_check(cond: torch.Tensor, message, exc: type[Exception] = ValueError) -> None:
+    """Raise ``exc(message)`` unless the boolean tensor ``cond`` holds (``message``: a str or a callable making one).
+
+    Eager on CPU this reads ``cond`` on the host and raises ``exc``. Under ``torch.compile`` and on accelerators it is
+    an asynchronous device assert instead (``torch._assert_async``: no graph break, no host sync; it fails as a
+    RuntimeError carrying the same message), so input checks never cost the hot path a sync.
+    """
+    if torch.compiler.is_compiling() or cond.device.type != "cpu":
+        torch._assert_async(cond, message if isinstance(message, str) else "moezoo input check failed")
+        return
+    if not bool(cond):
+        raise exc(message() if callable(message) else message)
+
+
 def check_router_input(x: torch.Tensor, hidden_size: int | None, name: str = "hidden_states") -> None:
     """Shape check; the NaN/inf check runs on CPU (or everywhere with ``CHECK_FINITE = True``): on an accelerator it
     would be a host sync per MoE layer per step."""
     if hidden_size is not None and x.shape[-1] != hidden_size:
         raise ValueError(f"{name} has last dimension {x.shape[-1]}, expected hidden_size={hidden_size}")
     check = CHECK_FINITE if CHECK_FINITE is not None else x.device.type == "cpu"
-    if check and not torch.isfinite(x).all():
-        raise ValueError(f"{name} reaching the router contains NaN or inf values")
+    if check:
+        data_check(torch.isfinite(x).all(), f"{name} reaching the router contains NaN or inf values")
 
 
 def check_top_k(top_k: int, num_experts: int, name: str = "num_experts_per_tok") -> None:
@@ -151,5 +165,5 @@ def topk_weights(probs: torch.Tensor, top_k: int, norm: bool, eps: float) -> tup
     return weights, indices
 
 
-__all__ = ["RouterOutput", "CHECK_FINITE", "check_router_input", "check_top_k", "check_top_p", "token_mask_weights",
+__all__ = ["RouterOutput", "CHECK_FINITE", "data_check", "check_router_input", "check_top_k", "check_top_p", "token_mask_weights",
            "token_keep_mask", "samples_of_tokens", "expand_per_sample", "topk_weights"]

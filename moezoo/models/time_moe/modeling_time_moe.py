@@ -28,9 +28,9 @@ from ...cache_compat import cache_kwargs, causal_mask, output_cache, resolve_cac
 from ...core.experts import SharedExpert, get_activation
 from ...core import build_moe_layer
 from ...core.losses import switch_balance_loss
-from ...core import RouterOutput
+from ...core import RouterOutput, data_check
 from ...modeling_utils import MoezooPreTrainedModel
-from ...modeling_layers import RMSNorm as MoezooTimeMoeRMSNorm, apply_rope, eager_attention
+from ...modeling_layers import RMSNorm as MoezooTimeMoeRMSNorm, RotaryEmbedding, apply_rope, eager_attention
 from .configuration_time_moe import MoezooTimeMoeConfig
 
 
@@ -77,14 +77,6 @@ class MoezooTimeMoeInputEmbedding(nn.Module):
         return self.act_fn(self.gate_layer(x)) * self.emb_layer(x)
 
 
-def rope_tables(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """(B, T) positions -> cos, sin (B, T, head_dim) of rotate-half RoPE."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim))
-    freqs = position_ids[..., None].float() * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
 class MoezooTimeMoeAttention(nn.Module):
     """Grouped-query RoPE self-attention (q/k/v with bias, o_proj without), through ``ALL_ATTENTION_FUNCTIONS``."""
 
@@ -105,12 +97,27 @@ class MoezooTimeMoeAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                attention_mask: torch.Tensor | None, cache: Cache | None = None, **kwargs):
+                attention_mask: torch.Tensor | None, cache: Cache | None = None, keep_last: int = 0, **kwargs):
+        """``keep_last`` > 0: queries (and the output) for the last ``keep_last`` positions only; keys and values
+        (and the cache) still cover every position."""
         B, T, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, k, *position_embeddings)
+        if keep_last and keep_last < T:
+            cos, sin = position_embeddings
+            q = self.q_proj(hidden_states[:, -keep_last:]).view(B, keep_last, -1, self.head_dim).transpose(1, 2)
+            q, _ = apply_rope(q, q, cos[:, -keep_last:], sin[:, -keep_last:])
+            _, k = apply_rope(k, k, cos, sin)
+            if attention_mask is not None:
+                attention_mask = attention_mask[..., -keep_last:, :]
+            elif keep_last > 1:  # the backend would align a causal mask top-left: spell it out
+                past = cache.get_seq_length() if cache is not None else 0
+                attention_mask = torch.ones(keep_last, past + T, dtype=torch.bool, device=k.device).tril(
+                    past + T - keep_last)[None, None]
+            T = keep_last
+        else:
+            q = self.q_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)
+            q, k = apply_rope(q, k, *position_embeddings)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
@@ -138,9 +145,12 @@ class MoezooTimeMoeDecoderLayer(GradientCheckpointingLayer):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: Cache | None = None, **kwargs):
+                cache: Cache | None = None, keep_last: int = 0, **kwargs):
+        """``keep_last`` > 0: outputs for the last ``keep_last`` positions only (the KV cache still gets all)."""
         h, attn = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask,
-                                 cache=cache, **kwargs)
+                                 cache=cache, keep_last=keep_last, **kwargs)
+        if keep_last:
+            hidden_states = hidden_states[:, -keep_last:]
         hidden_states = hidden_states + h
         h = self.post_attention_layernorm(hidden_states)
         router_output = None
@@ -191,6 +201,7 @@ class MoezooTimeMoeModel(MoezooTimeMoePreTrainedModel):
         self.embed_layer = MoezooTimeMoeInputEmbedding(config.input_size, config.hidden_size, config.hidden_act)
         self.layers = nn.ModuleList([MoezooTimeMoeDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = MoezooTimeMoeRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -205,10 +216,14 @@ class MoezooTimeMoeModel(MoezooTimeMoePreTrainedModel):
                 inputs_embeds: torch.FloatTensor | None = None, use_cache: bool | None = None,
                 output_attentions: bool | None = None, output_hidden_states: bool | None = None,
                 output_router_logits: bool | None = None, return_dict: bool | None = None,
-                past_key_values: Cache | None = None, **kwargs) -> MoezooTimeMoeModelOutput:
+                past_key_values: Cache | None = None, logits_to_keep: int = 0,
+                **kwargs) -> MoezooTimeMoeModelOutput:
         """``input_ids``: (B, T) or (B, T, input_size) real values (not token ids). ``attention_mask`` (B, past + T):
         1 = real point, 0 = padding; without ``position_ids`` positions count real points only (left padding).
-        ``cache``: a transformers ``Cache`` (``past_key_values`` is accepted as its old name, not both)."""
+        ``cache``: a transformers ``Cache`` (``past_key_values`` is accepted as its old name, not both).
+        ``logits_to_keep`` > 0: the last layer runs its queries and FFN on the last ``logits_to_keep`` positions only
+        (``last_hidden_state``, its hidden state and its router output cover those; every layer's keys and values, so
+        the cache, still cover all positions): what decoding needs."""
         cache = resolve_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -223,9 +238,8 @@ class MoezooTimeMoeModel(MoezooTimeMoePreTrainedModel):
             cache = DynamicCache(config=cfg)
         if inputs_embeds is None:
             x = as_series_tensor(input_ids, cfg.input_size, dtype=self.embed_layer.emb_layer.weight.dtype)
-            if not torch.isfinite(x).all():
-                raise ValueError("input_ids contains NaN or inf values; fill or interpolate them first "
-                                 "(model.forecast(..., nan_policy='interpolate') does this)")
+            data_check(torch.isfinite(x).all(), "input_ids contains NaN or inf values; fill or interpolate them first "
+                       "(model.forecast(..., nan_policy='interpolate') does this)")
             inputs_embeds = self.embed_layer(x)
         B, T = inputs_embeds.shape[:2]
         past = cache.get_seq_length() if cache is not None else 0
@@ -237,19 +251,23 @@ class MoezooTimeMoeModel(MoezooTimeMoePreTrainedModel):
             if attention_mask.shape[1] == T and past:
                 attention_mask = torch.cat([attention_mask.new_ones(B, past), attention_mask], dim=1)
         if position_ids is None:
-            if attention_mask is not None and not bool(attention_mask.all()):
+            if attention_mask is not None:  # counts real points (equals past + arange(T) without padding; no sync)
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -T:]
             else:
                 position_ids = (torch.arange(T, device=inputs_embeds.device) + past).unsqueeze(0).expand(B, -1)
         mask = causal_mask(cfg, inputs_embeds, attention_mask, cache, position_ids)
         hidden_states = inputs_embeds
-        position_embeddings = rope_tables(position_ids, cfg.head_dim, cfg.rope_theta, hidden_states.dtype)
+        position_embeddings = self.rotary_emb(position_ids, hidden_states.dtype)
+        if not isinstance(logits_to_keep, int) or isinstance(logits_to_keep, bool) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an int >= 0 (0 = all positions), got {logits_to_keep!r}")
+        last = len(self.layers) - 1
         all_hidden = (hidden_states,) if output_hidden_states else None
         all_attn = () if output_attentions else None
         router_outputs = []
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             hidden_states, ro, attn = layer(hidden_states, attention_mask=mask,
-                                            position_embeddings=position_embeddings, cache=cache, **kwargs)
+                                            position_embeddings=position_embeddings, cache=cache,
+                                            keep_last=logits_to_keep if i == last else 0, **kwargs)
             if ro is not None:
                 router_outputs.append(ro)
             if output_attentions:
@@ -299,22 +317,32 @@ def ts_decode(model, input_ids: torch.Tensor, logits_processor=None, stopping_cr
     if past >= T:
         raise ValueError(f"the cache already holds {past} positions but the context has only {T}: pass the whole "
                          f"context the cache was built from plus at least one new point")
+    # the whole output and its mask are allocated once; each step writes its points into them
+    full = seq.new_empty(B, max_length, C)
+    full[:, :T] = seq
+    full_mask = None
+    if mask is not None:
+        full_mask = mask.new_ones(B, max_length)
+        full_mask[:, :T] = mask
+    done = T
     step_in = seq[:, past:]  # a cache built on a prefix of the context: feed only what it lacks
-    while seq.shape[1] < max_length:
-        remaining = max_length - seq.shape[1]
-        out = model(input_ids=step_in if use_cache else seq, attention_mask=mask, cache=cache,
-                    use_cache=use_cache, max_horizon_length=remaining, output_router_logits=False)
+    while done < max_length:
+        remaining = max_length - done
+        out = model(input_ids=step_in if use_cache else full[:, :done], attention_mask=None if mask is None
+                    else full_mask[:, :done], cache=cache, use_cache=use_cache, max_horizon_length=remaining,
+                    output_router_logits=False, logits_to_keep=1)
         scores = out.logits[:, -1, :]
         if logits_processor:
-            scores = logits_processor(seq, scores)
+            scores = logits_processor(full[:, :done], scores)
         nxt = scores.reshape(B, -1, C)[:, :remaining]
         if streamer is not None:
             streamer.put(nxt.cpu())
-        seq = torch.cat([seq, nxt], dim=1)
-        step_in = nxt
-        if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(B, nxt.shape[1])], dim=1)
+        n = nxt.shape[1]
+        full[:, done:done + n] = nxt
+        step_in = full[:, done:done + n]
+        done += n
         cache = output_cache(out) if use_cache else None
+    seq = full
     if streamer is not None:
         streamer.end()
     return seq if input_ids.dim() == 3 else seq[..., 0]
@@ -402,7 +430,7 @@ class MoezooTimeMoeForPrediction(MoezooTimeMoePreTrainedModel, GenerationMixin):
                 output_attentions: bool | None = None, output_hidden_states: bool | None = None,
                 output_router_logits: bool | None = None, return_dict: bool | None = None,
                 max_horizon_length: int | None = None, past_key_values: Cache | None = None,
-                **kwargs) -> MoezooTimeMoeOutput:
+                logits_to_keep: int = 0, **kwargs) -> MoezooTimeMoeOutput:
         """Forward pass; see :class:`MoezooTimeMoeOutput`.
 
         Args:
@@ -414,8 +442,12 @@ class MoezooTimeMoeForPrediction(MoezooTimeMoePreTrainedModel, GenerationMixin):
             max_horizon_length: without labels, pick the head for this many points (official rule,
                 :meth:`select_horizon`).
             cache: a transformers ``Cache`` (``past_key_values`` is accepted as its old name, not both).
+            logits_to_keep: > 0 computes the last layer and the head for the last this-many positions only (decoding;
+                not with ``labels``).
         """
         cache = resolve_cache(cache, past_key_values)
+        if logits_to_keep and labels is not None:
+            raise ValueError("logits_to_keep prunes positions the loss needs: pass it without labels")
         output_router_logits = (output_router_logits if output_router_logits is not None
                                 else self.config.output_router_logits)
         if use_cache is None and (labels is not None or self.training):
@@ -423,11 +455,11 @@ class MoezooTimeMoeForPrediction(MoezooTimeMoePreTrainedModel, GenerationMixin):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                         output_router_logits=output_router_logits, **kwargs)
+                         output_router_logits=output_router_logits, logits_to_keep=logits_to_keep, **kwargs)
         h = out.last_hidden_state
         loss = aux_loss = None
-        if labels is not None or output_router_logits:
-            aux_loss = self.compute_aux_loss(list(out.router_outputs), attention_mask)
+        if labels is not None or (output_router_logits and not logits_to_keep):  # pruned: layers route unequal
+            aux_loss = self.compute_aux_loss(list(out.router_outputs), attention_mask)  # token counts, no aux loss
         if labels is not None:
             total = 0.0
             logits = None
@@ -475,7 +507,15 @@ class MoezooTimeMoeForPrediction(MoezooTimeMoePreTrainedModel, GenerationMixin):
         Each step asks for the points still missing, takes the head :meth:`select_horizon` picks for that number,
         appends ALL its points (the last position's output) and feeds only them next step (KV cache; ``use_cache=False``
         re-runs the whole sequence). ``attention_mask`` (B, T): 0 marks left padding. Greedy only (no sampling/beams).
+        ``autocast``: a dtype (``torch.bfloat16``) to decode under ``torch.autocast`` (matmuls in that dtype; routers,
+        norms and softmax stay fp32; the returned values are fp32), or None.
         """
+        autocast = kwargs.pop("autocast", None)
+        if autocast is not None:
+            if autocast not in (torch.bfloat16, torch.float16):
+                raise ValueError(f"autocast must be torch.bfloat16, torch.float16 or None, got {autocast!r}")
+            with torch.autocast(self.device.type, dtype=autocast):
+                return self.generate(inputs, generation_config=generation_config, **kwargs).float()
         if "input_ids" in kwargs:
             if inputs is not None:
                 raise ValueError("pass input_ids or inputs, not both")
