@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="training windows per step (default 32)")
     p.add_argument("--lr", type=float, default=None, help="Time-MoE / dense peak learning rate (default 3e-3)")
     p.add_argument("--dlinear-lr", type=float, default=None, help="DLinear learning rate (default 5e-3)")
+    p.add_argument("--dlinear-steps", type=int, default=None, help="DLinear training steps (default --steps)")
+    p.add_argument("--dlinear-batch-size", type=int, default=None, help="DLinear batch (default --batch-size)")
     p.add_argument("--train-window", type=int, default=None, help="Time-MoE training window length")
     p.add_argument("--train-stride", type=int, default=None, help="stride between Time-MoE training windows")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate this many evenly spaced test windows")
@@ -105,7 +107,8 @@ def main(argv=None) -> dict:
           "baselines": tuple(b for b in args.baselines.split(",") if b), "pretrained": tuple(args.pretrained)}
     for key, val in (("horizons", args.horizons), ("context_lengths", _contexts(args.context)),
                      ("steps", args.steps), ("batch_size", args.batch_size), ("learning_rate", args.lr),
-                     ("dlinear_learning_rate", args.dlinear_lr), ("train_window", args.train_window),
+                     ("dlinear_learning_rate", args.dlinear_lr), ("dlinear_steps", args.dlinear_steps),
+                     ("dlinear_batch_size", args.dlinear_batch_size), ("train_window", args.train_window),
                      ("train_stride", args.train_stride), ("max_windows", args.max_windows),
                      ("eval_batch_size", args.eval_batch_size), ("season_length", args.season_length),
                      ("plot_windows", args.plot_windows)):

@@ -66,7 +66,8 @@ class BenchmarkConfig:
     ``normalize``: z-score each Time-MoE / dense input window by its own statistics (training windows and forecast
     contexts; the paper's zero-shot inference); off by default, as in Time-MoE's ``run_eval.py`` on scaled data.
     ``pretrained``: ``{label: folder}`` (or ``"label=folder"`` strings) evaluated zero-shot beside the others;
-    ``{seed}`` in a folder is replaced by ``seed``.
+    ``{seed}`` in a folder is replaced by ``seed``. ``dlinear_steps`` / ``dlinear_batch_size``: DLinear's own budget
+    (default: ``steps`` / ``batch_size``; DLinear is cheap, so it can be trained to convergence beside a small budget).
     """
 
     csv: str
@@ -81,6 +82,8 @@ class BenchmarkConfig:
     batch_size: int = 32
     learning_rate: float = 3e-3
     dlinear_learning_rate: float = 5e-3
+    dlinear_steps: int | None = None
+    dlinear_batch_size: int | None = None
     weight_decay: float = 0.1
     train_window: int | None = None
     train_stride: int = 1
@@ -119,6 +122,10 @@ class BenchmarkConfig:
         if unknown:
             raise ValueError(f"unknown baseline(s) {unknown}; choose from {list(BASELINES)}")
         self.baselines = tuple(self.baselines)
+        for name in ("dlinear_steps", "dlinear_batch_size"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {v!r}")
         for name in ("steps", "batch_size", "train_stride", "eval_batch_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -208,11 +215,13 @@ def save_expert_load(model, contexts: torch.Tensor, path, title: str = "") -> di
 
 
 # --------------------------------------------------------------------------------------------------------- run
-def _trainer_cfg(cfg: BenchmarkConfig, out: Path, lr: float, weight_decay: float) -> dict:
-    return dict(output_dir=str(out), max_steps=cfg.steps, batch_size=cfg.batch_size, learning_rate=lr,
-                weight_decay=weight_decay, warmup_steps=min(100, max(1, cfg.steps // 10)), lr_schedule="cosine",
+def _trainer_cfg(cfg: BenchmarkConfig, out: Path, lr: float, weight_decay: float, steps: int | None = None,
+                 batch_size: int | None = None) -> dict:
+    steps = steps or cfg.steps
+    return dict(output_dir=str(out), max_steps=steps, batch_size=batch_size or cfg.batch_size, learning_rate=lr,
+                weight_decay=weight_decay, warmup_steps=min(100, max(1, steps // 10)), lr_schedule="cosine",
                 min_lr_ratio=0.1, grad_clip=1.0, mixed_precision="auto", save_every=None, keep_last=1,
-                log_every=max(1, min(50, cfg.steps // 10)), seed=cfg.seed, resume="never",
+                log_every=max(1, min(50, steps // 10)), seed=cfg.seed, resume="never",
                 overwrite_output_dir=True, progress_bar=cfg.progress)
 
 
@@ -312,9 +321,10 @@ def _run_benchmark(cfg: BenchmarkConfig, printer) -> dict:
             torch.manual_seed(cfg.seed)
             dl = DLinear(ctx, h)
             dl_train = ForecastWindowDataset(splits.train, ctx, h, channel_independent=True)
-            printer(f"training dlinear (context {ctx}, horizon {h}): {cfg.steps} steps x {cfg.batch_size} windows")
+            dl_steps, dl_bs = cfg.dlinear_steps or cfg.steps, cfg.dlinear_batch_size or cfg.batch_size
+            printer(f"training dlinear (context {ctx}, horizon {h}): {dl_steps} steps x {dl_bs} windows")
             _, res = train_model(dl, dl_train, _trainer_cfg(cfg, out / "train" / f"dlinear_h{h}",
-                                                            cfg.dlinear_learning_rate, 0.0),
+                                                            cfg.dlinear_learning_rate, 0.0, dl_steps, dl_bs),
                                  loss_fn=dlinear_loss, routing_stats=False)
             dl.eval()
             records[f"dlinear_h{h}"] = {"params": _params(dl), "train": {
@@ -473,10 +483,16 @@ def run_benchmark_seeds(cfg: BenchmarkConfig, seeds, printer=print) -> dict:
     out = Path(cfg.output_dir)
     t0 = time.time()
     runs = []
-    for s in seeds:
+    # a pretrained folder without {seed} gives the same forecasts every seed (no training, greedy decoding):
+    # evaluate it in the first seed only and reuse its rows
+    fixed = {k for k, v in cfg.pretrained.items() if "{seed}" not in str(v)}
+    for i, s in enumerate(seeds):
         printer(f"===== seed {s} =====")
-        runs.append(run_benchmark(dataclasses.replace(cfg, seed=s, output_dir=str(out / f"seed{s}")), printer))
-    rows = aggregate_seeds([r["results"] for r in runs])
+        pre = cfg.pretrained if i == 0 else {k: v for k, v in cfg.pretrained.items() if k not in fixed}
+        runs.append(run_benchmark(dataclasses.replace(cfg, seed=s, output_dir=str(out / f"seed{s}"), pretrained=pre),
+                                  printer))
+    first_fixed = [r for r in runs[0]["results"] if r["model"] in fixed]
+    rows = aggregate_seeds([r["results"] if i == 0 else r["results"] + first_fixed for i, r in enumerate(runs)])
     name = runs[0]["data"]["name"]
     md = markdown_table_seeds(rows, title=f"{name} ({runs[0]['data']['protocol']} splits), seeds {seeds}, mean ± std")
     result = {"seeds": seeds, "results": rows, "per_seed": [str(out / f"seed{s}") for s in seeds],

@@ -181,10 +181,13 @@ def test_harness_seeds_and_pretrained(tmp_path):
     res = run.main(["--fast", "--tiny", "--csv", str(ETTH1), "--output-dir", str(out), "--steps", "2",
                     "--max-windows", "2", "--context", "48", "--train-window", "64", "--no-progress", "--plot-windows",
                     "0", "--baselines", "dlinear,seasonal_naive", "--seeds", "3", "4",
-                    "--pretrained", f"zs={tmp_path}/pre_s{{seed}}"])
+                    "--pretrained", f"zs={tmp_path}/pre_s{{seed}}", f"fixed={tmp_path}/pre_s3"])
     rows = {r["model"]: r for r in res["results"]}
-    assert set(rows) == {"time_moe", "zs", "dlinear", "seasonal_naive"} and res["seeds"] == [3, 4]
+    assert set(rows) == {"time_moe", "zs", "fixed", "dlinear", "seasonal_naive"} and res["seeds"] == [3, 4]
+    assert rows["fixed"]["mse_per_seed"] == [rows["zs"]["mse_per_seed"][0]] * 2     # evaluated once, reused
     for name, r in rows.items():
+        if name == "fixed":
+            continue
         per = [json.loads((out / f"seed{s}" / "results.json").read_text()) for s in (3, 4)]
         vals = [next(x["mse"] for x in p["results"] if x["model"] == name) for p in per]
         assert r["mse_per_seed"] == pytest.approx(vals)
