@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from moezoo.models.time_moe.benchmark import BASELINES, BenchmarkConfig, fast_config, run_benchmark  # noqa: E402
+from moezoo.models.time_moe.benchmark import (BASELINES, BenchmarkConfig, fast_config, run_benchmark,  # noqa: E402
+                                              run_benchmark_seeds)
 
 DEFAULT_CSV = ROOT.parent / "shared" / "data" / "ett" / "ETTh1.csv"
 
@@ -72,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="training windows per step (default 32)")
     p.add_argument("--lr", type=float, default=None, help="Time-MoE / dense peak learning rate (default 3e-3)")
     p.add_argument("--dlinear-lr", type=float, default=None, help="DLinear learning rate (default 5e-3)")
+    p.add_argument("--dlinear-steps", type=int, default=None, help="DLinear training steps (default --steps)")
+    p.add_argument("--dlinear-batch-size", type=int, default=None, help="DLinear batch (default --batch-size)")
     p.add_argument("--train-window", type=int, default=None, help="Time-MoE training window length")
     p.add_argument("--train-stride", type=int, default=None, help="stride between Time-MoE training windows")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate this many evenly spaced test windows")
@@ -81,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--season-length", type=int, default=None, help="seasonal-naive period (default from the dates)")
     p.add_argument("--plot-windows", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="run once per seed (output-dir/seed<k>) and report mean ± std over seeds")
+    p.add_argument("--pretrained", nargs="*", default=[], metavar="LABEL=FOLDER",
+                   help="save_pretrained folders evaluated zero-shot in the same run ({seed} -> the run's seed)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest for tiny models)")
     p.add_argument("--output-dir", default="outputs/eval_time_moe")
     p.add_argument("--fast", action="store_true", help="CI subset: horizon 96, context 96, 16 windows, 10 steps")
@@ -97,10 +104,11 @@ def main(argv=None) -> dict:
                          f"GitHub); beside a moezoo clone it is at ../shared/data/ett/ETTh1.csv")
     kw = {"model": args.model, "tiny": args.tiny, "mode": args.mode, "normalize": args.normalize,
           "seed": args.seed, "progress": not args.no_progress, "threads": args.threads,
-          "baselines": tuple(b for b in args.baselines.split(",") if b)}
+          "baselines": tuple(b for b in args.baselines.split(",") if b), "pretrained": tuple(args.pretrained)}
     for key, val in (("horizons", args.horizons), ("context_lengths", _contexts(args.context)),
                      ("steps", args.steps), ("batch_size", args.batch_size), ("learning_rate", args.lr),
-                     ("dlinear_learning_rate", args.dlinear_lr), ("train_window", args.train_window),
+                     ("dlinear_learning_rate", args.dlinear_lr), ("dlinear_steps", args.dlinear_steps),
+                     ("dlinear_batch_size", args.dlinear_batch_size), ("train_window", args.train_window),
                      ("train_stride", args.train_stride), ("max_windows", args.max_windows),
                      ("eval_batch_size", args.eval_batch_size), ("season_length", args.season_length),
                      ("plot_windows", args.plot_windows)):
@@ -110,6 +118,8 @@ def main(argv=None) -> dict:
         cfg = fast_config(str(csv), args.output_dir, **kw)
     else:
         cfg = BenchmarkConfig(csv=str(csv), output_dir=args.output_dir, **kw)
+    if args.seeds:
+        return run_benchmark_seeds(cfg, args.seeds)
     return run_benchmark(cfg)
 
 

@@ -1,4 +1,6 @@
 """``time_moe``: Time-MoE decoder-only MoE forecasters (point tokens, multi-resolution horizon heads, Huber loss)."""
+from pathlib import Path
+
 from ...registry import register_family, register_model
 from .configuration_time_moe import MoezooTimeMoeConfig, dense_config_like
 from .modeling_time_moe import (MoezooTimeMoeForPrediction, MoezooTimeMoeModel, MoezooTimeMoeModelOutput,
@@ -36,6 +38,20 @@ def time_moe_200m(config):
     num_experts=4, num_experts_per_tok=2, horizon_lengths=[1, 8, 32, 64], max_position_embeddings=4096))
 def time_moe_tiny_e4k2(config):
     """~0.4M-parameter Time-MoE (4 experts top-2) for CPU training, the recipe and the demo."""
+    return MoezooTimeMoeForPrediction(config)
+
+
+#: weights stored in the project (``save_pretrained`` folders, a few MB), rebuilt by the commands in their model card
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+
+
+@register_model("time_moe_tiny_e4k2.corpus", family="time_moe", tiny=_TINY, config=dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+    num_experts=4, num_experts_per_tok=2, horizon_lengths=[1, 8, 32, 64], max_position_embeddings=4096),
+    pretrained=(str(PRETRAINED_DIR / "time_moe_tiny_e4k2.corpus"),))
+def time_moe_tiny_e4k2_corpus(config):
+    """time_moe_tiny_e4k2 pretrained here on every offline series but ETT (``pretrained=True`` loads the stored
+    weights; forecast with ``normalize=True``)."""
     return MoezooTimeMoeForPrediction(config)
 
 

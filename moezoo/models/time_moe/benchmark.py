@@ -14,6 +14,13 @@ Models in one run, all scored on the same windows:
   same budget (steps, batch, learning rate, window).
 * ``dlinear``: DLinear, one per horizon, trained with the same steps and batch size on (context, horizon) windows.
 * ``seasonal_naive``: repeats the last season (period from the timestamps, e.g. 24 for hourly data).
+* ``pretrained``: extra save_pretrained folders evaluated zero-shot in the same run (``label=folder``; ``{seed}`` in
+  the folder is replaced by the run's seed, so each seed can use its own pretraining run), always with the paper's
+  per-window normalisation of the context (``model.forecast(normalize=True)``).
+
+Several seeds: :func:`run_benchmark_seeds` runs the whole benchmark once per seed (``output_dir/seed<k>``; the seed
+sets the fresh weights, the data order of every trained model and, through ``{seed}``, the pretrained folder) and
+writes ``results.md`` / ``results.json`` with the mean +- sample std over seeds of every model and horizon.
 
 Outputs in ``output_dir``: ``results.md`` (table), ``results.json`` (everything, including per-channel errors),
 ``forecast_h<H>.png`` (a few test windows: context, truth, each model's forecast), ``expert_load.png`` (the MoE
@@ -37,7 +44,8 @@ from .baselines import DLinear, dlinear_loss, seasonal_naive
 from .recipe import build_model, evaluate_forecaster, time_moe_predictor, train_model
 
 __all__ = ["DEFAULT_CONTEXTS", "DEFAULT_HORIZONS", "BASELINES", "BenchmarkConfig", "fast_config", "run_benchmark",
-           "markdown_table", "save_forecast_plot", "save_expert_load"]
+           "run_benchmark_seeds", "aggregate_seeds", "markdown_table", "markdown_table_seeds", "save_forecast_plot",
+           "save_expert_load"]
 
 DEFAULT_CONTEXTS = {96: 512, 192: 1024, 336: 2048, 720: 3072}
 DEFAULT_HORIZONS = (96, 192, 336, 720)
@@ -57,6 +65,9 @@ class BenchmarkConfig:
     ``threads``: torch intra-op threads for the run (``None``: leave as is; 1 is fastest for tiny models on a CPU).
     ``normalize``: z-score each Time-MoE / dense input window by its own statistics (training windows and forecast
     contexts; the paper's zero-shot inference); off by default, as in Time-MoE's ``run_eval.py`` on scaled data.
+    ``pretrained``: ``{label: folder}`` (or ``"label=folder"`` strings) evaluated zero-shot beside the others;
+    ``{seed}`` in a folder is replaced by ``seed``. ``dlinear_steps`` / ``dlinear_batch_size``: DLinear's own budget
+    (default: ``steps`` / ``batch_size``; DLinear is cheap, so it can be trained to convergence beside a small budget).
     """
 
     csv: str
@@ -71,6 +82,8 @@ class BenchmarkConfig:
     batch_size: int = 32
     learning_rate: float = 3e-3
     dlinear_learning_rate: float = 5e-3
+    dlinear_steps: int | None = None
+    dlinear_batch_size: int | None = None
     weight_decay: float = 0.1
     train_window: int | None = None
     train_stride: int = 1
@@ -84,8 +97,22 @@ class BenchmarkConfig:
     seed: int = 0
     progress: bool = True
     threads: int | None = None
+    pretrained: dict | tuple = ()
 
     def __post_init__(self):
+        pre = self.pretrained
+        if not isinstance(pre, dict):
+            items = {}
+            for text in pre:
+                if "=" not in str(text):
+                    raise ValueError(f"pretrained entries are 'label=folder', got {text!r}")
+                label, folder = str(text).split("=", 1)
+                items[label.strip()] = folder.strip()
+            pre = items
+        clash = sorted(set(pre) & {"time_moe", "dense", "dlinear", "seasonal_naive"})
+        if clash or any(not k for k in pre):
+            raise ValueError(f"pretrained labels must be non-empty and differ from the built-in models, got {clash}")
+        self.pretrained = dict(pre)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         self.horizons = tuple(int(h) for h in self.horizons)
@@ -95,6 +122,10 @@ class BenchmarkConfig:
         if unknown:
             raise ValueError(f"unknown baseline(s) {unknown}; choose from {list(BASELINES)}")
         self.baselines = tuple(self.baselines)
+        for name in ("dlinear_steps", "dlinear_batch_size"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {v!r}")
         for name in ("steps", "batch_size", "train_stride", "eval_batch_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -184,11 +215,13 @@ def save_expert_load(model, contexts: torch.Tensor, path, title: str = "") -> di
 
 
 # --------------------------------------------------------------------------------------------------------- run
-def _trainer_cfg(cfg: BenchmarkConfig, out: Path, lr: float, weight_decay: float) -> dict:
-    return dict(output_dir=str(out), max_steps=cfg.steps, batch_size=cfg.batch_size, learning_rate=lr,
-                weight_decay=weight_decay, warmup_steps=min(100, max(1, cfg.steps // 10)), lr_schedule="cosine",
+def _trainer_cfg(cfg: BenchmarkConfig, out: Path, lr: float, weight_decay: float, steps: int | None = None,
+                 batch_size: int | None = None) -> dict:
+    steps = steps or cfg.steps
+    return dict(output_dir=str(out), max_steps=steps, batch_size=batch_size or cfg.batch_size, learning_rate=lr,
+                weight_decay=weight_decay, warmup_steps=min(100, max(1, steps // 10)), lr_schedule="cosine",
                 min_lr_ratio=0.1, grad_clip=1.0, mixed_precision="auto", save_every=None, keep_last=1,
-                log_every=max(1, min(50, cfg.steps // 10)), seed=cfg.seed, resume="never",
+                log_every=max(1, min(50, steps // 10)), seed=cfg.seed, resume="never",
                 overwrite_output_dir=True, progress_bar=cfg.progress)
 
 
@@ -255,6 +288,12 @@ def _run_benchmark(cfg: BenchmarkConfig, printer) -> dict:
 
     if mode == "finetune":
         records["time_moe"]["train"] = fit_time_moe("time_moe", moe)
+    for label, folder in cfg.pretrained.items():
+        folder = str(folder).replace("{seed}", str(cfg.seed))
+        zs = build_model({"init_from": folder})
+        records[label] = {"model": zs, "mode": "zero_shot", "init": f"pretrained ({folder})", "params": _params(zs),
+                          "train": None, "normalize": True}
+        printer(f"zero-shot {label}: {folder} ({_params(zs)['total']} parameters)")
     if "dense" in cfg.baselines:
         from . import MoezooTimeMoeForPrediction, dense_config_like
 
@@ -273,18 +312,19 @@ def _run_benchmark(cfg: BenchmarkConfig, printer) -> dict:
         keep = sorted(set(np.linspace(0, len(test) - 1, n_plot).round().astype(int).tolist())) if n_plot else []
         printer(f"horizon {h}: context {ctx}, {len(test)} test windows x {C} channels")
         predictors = {}
-        for name in ("time_moe", "dense"):
-            if name in records:
-                predictors[name] = time_moe_predictor(records[name]["model"], h, normalize=cfg.normalize,
+        for name, rec in records.items():
+            if "model" in rec:
+                predictors[name] = time_moe_predictor(rec["model"], h, normalize=rec.get("normalize", cfg.normalize),
                                                       batch_size=cfg.eval_batch_size * C)
         if "dlinear" in cfg.baselines:
             t = time.time()
             torch.manual_seed(cfg.seed)
             dl = DLinear(ctx, h)
             dl_train = ForecastWindowDataset(splits.train, ctx, h, channel_independent=True)
-            printer(f"training dlinear (context {ctx}, horizon {h}): {cfg.steps} steps x {cfg.batch_size} windows")
+            dl_steps, dl_bs = cfg.dlinear_steps or cfg.steps, cfg.dlinear_batch_size or cfg.batch_size
+            printer(f"training dlinear (context {ctx}, horizon {h}): {dl_steps} steps x {dl_bs} windows")
             _, res = train_model(dl, dl_train, _trainer_cfg(cfg, out / "train" / f"dlinear_h{h}",
-                                                            cfg.dlinear_learning_rate, 0.0),
+                                                            cfg.dlinear_learning_rate, 0.0, dl_steps, dl_bs),
                                  loss_fn=dlinear_loss, routing_stats=False)
             dl.eval()
             records[f"dlinear_h{h}"] = {"params": _params(dl), "train": {
@@ -390,3 +430,78 @@ def markdown_table(rows: list[dict], title: str = "") -> str:
                      f"{mse} | {r['mae']:.4f} | {r['windows']} | {r['train_steps']} | {r['train_seconds']} | "
                      f"{r['eval_seconds']} |")
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------------- seeds
+def aggregate_seeds(per_seed: list[list[dict]]) -> list[dict]:
+    """Mean and sample std (ddof=1; 0 for one seed) over seeds of every (model, horizon) row's MSE / MAE."""
+    groups: dict = {}
+    for rows in per_seed:
+        for r in rows:
+            groups.setdefault((r["model"], r["horizon"]), []).append(r)
+    out = []
+    for (model, h), rs in groups.items():
+        agg = {"model": model, "horizon": h, "seeds": len(rs), "init": rs[0]["init"], "mode": rs[0]["mode"],
+               "context": rs[0]["context"], "windows": rs[0]["windows"], "params": rs[0]["params"],
+               "train_steps": rs[0]["train_steps"],
+               "train_seconds": round(float(np.mean([r["train_seconds"] for r in rs])), 1),
+               "eval_seconds": round(float(np.mean([r["eval_seconds"] for r in rs])), 1)}
+        for key in ("mse", "mae"):
+            v = np.array([r[key] for r in rs], dtype=np.float64)
+            agg[key] = float(v.mean())
+            agg[f"{key}_std"] = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+            agg[f"{key}_per_seed"] = v.tolist()
+        out.append(agg)
+    return out
+
+
+def markdown_table_seeds(rows: list[dict], title: str = "") -> str:
+    """:func:`aggregate_seeds` rows as a markdown table, MSE / MAE as mean ± std (best mean MSE per horizon bold)."""
+    best = {}
+    for r in rows:
+        if not math.isnan(r["mse"]):
+            best[r["horizon"]] = min(best.get(r["horizon"], math.inf), r["mse"])
+    lines = [f"### {title}", ""] if title else []
+    lines += ["| model | init | params | horizon | context | MSE | MAE | seeds | test windows | train steps | train s |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: r["horizon"]):
+        mse = f"{r['mse']:.4f} ± {r['mse_std']:.4f}"
+        if r["mse"] == best.get(r["horizon"]):
+            mse = f"**{mse}**"
+        init = r["init"].split(" (")[0]
+        lines.append(f"| {r['model']} | {init} | {_fmt_params(r['params'])} | {r['horizon']} | {r['context']} | {mse} "
+                     f"| {r['mae']:.4f} ± {r['mae_std']:.4f} | {r['seeds']} | {r['windows']} | {r['train_steps']} "
+                     f"| {r['train_seconds']} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_benchmark_seeds(cfg: BenchmarkConfig, seeds, printer=print) -> dict:
+    """:func:`run_benchmark` once per seed (in ``output_dir/seed<k>``), then mean ± std over seeds."""
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct ints, got {seeds!r}")
+    out = Path(cfg.output_dir)
+    t0 = time.time()
+    runs = []
+    # a pretrained folder without {seed} gives the same forecasts every seed (no training, greedy decoding):
+    # evaluate it in the first seed only and reuse its rows
+    fixed = {k for k, v in cfg.pretrained.items() if "{seed}" not in str(v)}
+    for i, s in enumerate(seeds):
+        printer(f"===== seed {s} =====")
+        pre = cfg.pretrained if i == 0 else {k: v for k, v in cfg.pretrained.items() if k not in fixed}
+        runs.append(run_benchmark(dataclasses.replace(cfg, seed=s, output_dir=str(out / f"seed{s}"), pretrained=pre),
+                                  printer))
+    first_fixed = [r for r in runs[0]["results"] if r["model"] in fixed]
+    rows = aggregate_seeds([r["results"] if i == 0 else r["results"] + first_fixed for i, r in enumerate(runs)])
+    name = runs[0]["data"]["name"]
+    md = markdown_table_seeds(rows, title=f"{name} ({runs[0]['data']['protocol']} splits), seeds {seeds}, mean ± std")
+    result = {"seeds": seeds, "results": rows, "per_seed": [str(out / f"seed{s}") for s in seeds],
+              "data": runs[0]["data"], "config": runs[0]["config"], "seconds": round(time.time() - t0, 1),
+              "markdown": md}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(md)
+    (out / "results.json").write_text(json.dumps({k: v for k, v in result.items() if k != "markdown"}, indent=2,
+                                                 default=_json_default) + "\n")
+    printer(md)
+    printer(f"wrote {out / 'results.md'} and {out / 'results.json'} ({result['seconds']} s for {len(seeds)} seeds)")
+    return result
