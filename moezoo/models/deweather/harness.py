@@ -4,8 +4,9 @@ In one run:
 
 1. **Restoration quality**: PSNR / SSIM per weather type and overall of the degraded input and of every model --
    given as folders (``models={"label": "path"}``) and/or trained here from recipe configs at an equal budget
-   (``train_configs``; the default compares tiny MoFME with the tiny conventional MoE) -- on the built-in multi-weather
-   test split (or All-Weather folders); triptych PNGs (degraded / each model / clean) per weather type.
+   (``train_configs``; the default compares tiny MoFME with the tiny conventional MoE), once per seed with ``seeds``
+   (mean ± std over the seeds) -- on the built-in multi-weather test split (held-out photos) or All-Weather folders;
+   triptych PNGs (degraded / each model / clean) per weather type.
 2. **Size and speed**: parameters (whole model and MoE layers) and median CPU inference time (same input, fixed torch
    threads, models interleaved so background load hits all alike) of MoFME vs the conventional MoE at equal expert
    count, with the savings in % as the MoFME paper reports them: for the evaluated pair and for the registered
