@@ -3,6 +3,8 @@ CPU inference time of MoFME vs the conventional MoE at equal expert count (savin
 
     # train tiny MoFME and tiny conventional MoE at the same budget, then evaluate and compare (CPU, minutes)
     python eval/deweather/run.py --train --output-dir runs/deweather/bench
+    # the same over 3 seeds: mean ± std per weather type
+    python eval/deweather/run.py --train --seeds 0 1 2 --output-dir runs/deweather/bench3
     # evaluate trained folders (a recipe's <output_dir>/model or a checkpoint)
     python eval/deweather/run.py --model mofme=runs/deweather/tiny_mofme/model --model moe=runs/deweather/tiny_moe/model
     # on the All-Weather test sets (test_snow / test_rain / test_raindrop under ROOT), whole images resized
@@ -42,6 +44,8 @@ def parse_args(argv=None):
                    help=f"recipe configs for --train (default: {CONFIGS}/tiny_mofme.yaml and tiny_moe.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="key.sub=value",
                    help="override applied to every --train config, e.g. --set trainer.max_steps=100")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                   help="train every --train config once per seed (trainer.seed) and report mean ± std")
     p.add_argument("--output-dir", default="runs/deweather/benchmark")
     p.add_argument("--data-root", default=None, help="All-Weather root (test_snow/, test_rain/, test_raindrop/ ...) "
                    "or, with --image-folder, a folder of clean photos; default: the built-in multi-weather set")
@@ -102,7 +106,7 @@ def main(argv=None) -> dict:
     return harness.run_benchmark(output_dir=a.output_dir, models=_labelled(a.model, "model"),
                                  train_configs=train_cfgs, data=data, fast=a.fast, speed_pairs=pairs,
                                  speed_repeats=a.repeats, threads=a.threads, triptychs=a.triptychs,
-                                 max_items=a.max_items)
+                                 max_items=a.max_items, seeds=a.seeds)
 
 
 def harness_fast(cfg: dict) -> dict:

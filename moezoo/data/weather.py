@@ -1,11 +1,15 @@
 """Paired multi-weather image data: a real offline set built from bundled photographs, and All-Weather folder loaders.
 
-**Built-in set** (:func:`build_weather_set`, :func:`weather_datasets`). Real photographs that ship with scikit-image and
-scikit-learn (no download) -- or any folder of the user's images -- are resized (short side ``photo_size``) and degraded
+**Built-in set** (:func:`build_weather_set`, :func:`weather_datasets`). Real photographs -- those that ship with
+scikit-image and scikit-learn (``photos="builtin"``), the high-resolution photographs of Debian background packages
+(``photos="debian"``: ``apt-get install -y mate-backgrounds lomiri-wallpapers-16.04 lomiri-wallpapers-20.04``, see
+:data:`DEBIAN_PHOTOS`), both (``photos="all"``), or any folder of the user's images -- are resized (short side
+``photo_size``) and degraded
 with albumentations: ``rain`` (``RandomRain``), ``snow`` (``RandomSnow(snow_point_range=(0.2, 0.4),
 brightness_coeff=2.0)``), ``fog`` (``RandomFog(fog_coef_range=(0.3, 0.6))``) and ``raindrop``
 (``Spatter(mode="rain")``), each realisation seeded by ``(seed, photo, weather, variant)`` through
-``A.Compose(..., seed=...)``. Train and test are split **by source photo** (no photo is in both). Each degraded image
+``A.Compose(..., seed=...)``. Train, validation and test are split **by source photo** (no photo is in two splits;
+the validation split is for model selection, the test split is never tuned on). Each degraded image
 is stored once as PNG with its clean photo, plus a json index listing the crops: random positions (drawn from the seed)
 for train, a fixed evenly spaced grid for test. The same config gives the same bytes; the folder name carries a hash of
 the config, so a second call only reads.
@@ -38,14 +42,15 @@ from torch.utils.data import Dataset
 
 __all__ = [
     "WEATHER_TYPES", "BUILTIN_PHOTOS", "DEFAULT_TEST_PHOTOS", "WeatherSetConfig", "weather_transform", "degrade",
-    "builtin_photos", "load_image_folder", "split_by_source", "build_weather_set", "WeatherPairs", "weather_datasets",
+    "builtin_photos", "debian_photos", "photo_set", "DEBIAN_PHOTOS", "DEBIAN_BACKGROUNDS", "PHOTO_SETS",
+    "DEFAULT_SPLITS", "load_image_folder", "split_by_source", "build_weather_set", "WeatherPairs", "weather_datasets",
     "PairedImageFolder", "find_image_pairs", "allweather_test_sets", "allweather_train_set", "weather_label",
     "IMAGE_EXTENSIONS",
 ]
 
 WEATHER_TYPES: tuple[str, ...] = ("rain", "snow", "fog", "raindrop")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 
 # name -> (library, loader). Natural photographs only (no microscopy, documents or synthetic charts); grayscale ones are
 # replicated to RGB. skimage's `cat` is `chelsea` again and the stereo pair's right view is nearly the left one:
@@ -56,6 +61,36 @@ BUILTIN_PHOTOS: dict[str, str] = {
     "brick": "skimage", "clock": "skimage", "china": "sklearn", "flower": "sklearn",
 }
 DEFAULT_TEST_PHOTOS: tuple[str, ...] = ("coffee", "rocket", "china", "camera")
+
+# Real photographs in Debian background packages (under /usr/share/backgrounds), licences checked in
+# /usr/share/doc/<package>/copyright: mate-backgrounds nature/* (GPL-2+), lomiri-wallpapers-16.04 (CC-BY-4.0,
+# CC-BY-SA-4.0, CC0-1.0), lomiri-wallpapers-20.04 Kleiber (CC-BY-SA-3.0). Drawings and renders are left out (MATE
+# abstract/desktop, lomiri's analogpattern / greentock / Fossa / Infinite-Sea / Painting-Colors; gnome-backgrounds 43
+# ships no photographs). name -> (package, path under DEBIAN_BACKGROUNDS).
+DEBIAN_BACKGROUNDS = "/usr/share/backgrounds"
+DEBIAN_PHOTOS: dict[str, tuple[str, str]] = {
+    **{f"mate_{n.lower()}": ("mate-backgrounds", f"mate/nature/{n}.jpg") for n in (
+        "Aqua", "Blinds", "Dune", "FreshFlower", "Garden", "GreenMeadow", "LadyBird", "RainDrops", "Storm", "TwoWings",
+        "Wood", "YellowFlower")},
+    **{f"lomiri_{n.split('_by_')[0].lower()}": ("lomiri-wallpapers-16.04", f"{n}.jpg") for n in (
+        "Bridge_by_Sander_Klootwijk", "Dragonfly_by_Bolly", "Picture_0B_by_freespace", "Picture_1A_by_freespace",
+        "Wine_by_Jakkub_Mede", "aitzgorri_by_Aitzol_Berasategi", "free_by_Peter_Nerlich",
+        "friends_by_Aitzol_Berasategi", "life_by_Aitzol_Berasategi", "picosdeeuropa_by_Aitzol_Berasategi",
+        "seeding_by_Clements_Engelhardt", "sunset_by_Aitzol_Berasategi")},
+    "lomiri_kleiber": ("lomiri-wallpapers-20.04", "Kleiber_by_Lukas_Baubkus.jpg"),
+}
+PHOTO_SETS = ("builtin", "debian", "all")
+# Held-out photos per photo set: (validation, test). Chosen once by content (every kind of scene in each split), never
+# changed after looking at results.
+DEFAULT_SPLITS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "builtin": ((), DEFAULT_TEST_PHOTOS),
+    "debian": (("mate_freshflower", "lomiri_life", "lomiri_sunset"),
+               ("mate_garden", "mate_ladybird", "mate_storm", "lomiri_picosdeeuropa", "lomiri_bridge",
+                "lomiri_picture_0b")),
+    "all": (("astronaut", "mate_freshflower", "lomiri_life", "lomiri_sunset"),
+            DEFAULT_TEST_PHOTOS + ("mate_garden", "mate_ladybird", "mate_storm", "lomiri_picosdeeuropa",
+                                   "lomiri_bridge", "lomiri_picture_0b")),
+}
 
 
 def weather_label(name: str) -> int:
@@ -82,8 +117,12 @@ class WeatherSetConfig:
     test_variants: int = 1
     train_crops: int = 24                  # random crops per train image
     test_crops: int = 4                    # fixed grid crops per test image (rounded up to a square grid)
-    test_photos: tuple[str, ...] | None = DEFAULT_TEST_PHOTOS   # built-in photos held out; None -> test_fraction
+    photos: str = "builtin"                # "builtin" (skimage + sklearn), "debian" (background packages), "all"
+    test_photos: tuple[str, ...] | None | str = "default"  # held-out test photos; "default": DEFAULT_SPLITS[photos];
+                                                           # None -> test_fraction
+    val_photos: tuple[str, ...] | None | str = "default"   # validation photos, same rules (None -> val_fraction)
     test_fraction: float = 0.3             # used for a user image folder (or test_photos=None)
+    val_fraction: float = 0.0              # used for a user image folder (or val_photos=None); 0 = no validation split
     image_dir: str | None = None           # a folder of the user's photos instead of the built-in ones
     max_photos: int | None = None          # keep only the first N sources of each split (quick runs)
     rain_drop_length: int = 12
@@ -99,8 +138,17 @@ class WeatherSetConfig:
             weather_label(w)
         if not self.weather_types:
             raise ValueError("weather_types must name at least one of " + str(WEATHER_TYPES))
-        if self.test_photos is not None:
-            self.test_photos = tuple(self.test_photos)
+        if self.photos not in PHOTO_SETS:
+            raise ValueError(f"photos must be one of {PHOTO_SETS}, got {self.photos!r}")
+        for name, k in (("val_photos", 0), ("test_photos", 1)):
+            v = getattr(self, name)
+            if isinstance(v, str):
+                if v != "default":
+                    raise ValueError(f"{name} must be a list of photo names, None or 'default', got {v!r}")
+                v = None if self.image_dir is not None else DEFAULT_SPLITS[self.photos][k]
+            setattr(self, name, None if v is None else tuple(v))
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
         self.snow_point_range = tuple(self.snow_point_range)
         self.fog_coef_range = tuple(self.fog_coef_range)
         for name in ("photo_size", "crop_size", "train_variants", "test_variants", "train_crops", "test_crops"):
@@ -198,6 +246,46 @@ def builtin_photos(names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     return out
 
 
+def debian_photos(names: Sequence[str] | None = None, max_side: int | None = None,
+                  root: str | os.PathLike = DEBIAN_BACKGROUNDS) -> dict[str, np.ndarray]:
+    """The photographs of :data:`DEBIAN_PHOTOS` as (H,W,3) uint8 RGB arrays.
+
+    ``max_side``: decode large JPEGs at a reduced scale (the short side stays >= ``max_side``); None = full size.
+    A missing file raises FileNotFoundError naming the Debian package(s) to install.
+    """
+    from PIL import Image
+
+    names = list(DEBIAN_PHOTOS) if names is None else list(names)
+    unknown = [n for n in names if n not in DEBIAN_PHOTOS]
+    if unknown:
+        raise ValueError(f"unknown Debian photo(s) {unknown}; available: {sorted(DEBIAN_PHOTOS)}")
+    root = Path(root)
+    missing = sorted({DEBIAN_PHOTOS[n][0] for n in names if not (root / DEBIAN_PHOTOS[n][1]).is_file()})
+    if missing:
+        raise FileNotFoundError(
+            f"the photographs of the Debian package(s) {missing} are not installed (looked in {root}); run "
+            f"`apt-get install -y {' '.join(missing)}`, or use photos='builtin' (scikit-image / scikit-learn photos)")
+    out = {}
+    for n in names:
+        with Image.open(root / DEBIAN_PHOTOS[n][1]) as im:
+            if max_side is not None:
+                s = max_side / min(im.size)
+                if s < 1:
+                    im.draft("RGB", (max(1, round(im.size[0] * s)), max(1, round(im.size[1] * s))))
+            out[n] = _to_rgb_uint8(np.asarray(im.convert("RGB")))
+    return out
+
+
+def photo_set(photos: str = "builtin", max_side: int | None = None) -> dict[str, np.ndarray]:
+    """The photographs of one of :data:`PHOTO_SETS` ("builtin", "debian" or "all") by name."""
+    if photos not in PHOTO_SETS:
+        raise ValueError(f"photos must be one of {PHOTO_SETS}, got {photos!r}")
+    out = builtin_photos() if photos in ("builtin", "all") else {}
+    if photos in ("debian", "all"):
+        out.update(debian_photos(max_side=max_side))
+    return out
+
+
 def load_image_folder(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Every image in ``path`` (non-recursive, sorted by name) as (H,W,3) uint8 RGB, keyed by file stem."""
     from PIL import Image
@@ -217,7 +305,9 @@ def load_image_folder(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def split_by_source(names: Sequence[str], test_names: Sequence[str] | None = None, test_fraction: float = 0.3,
                     seed: int = 0) -> tuple[list[str], list[str]]:
-    """(train, test) lists of source names: ``test_names`` if given, else a seeded ``test_fraction`` (>= 1 each)."""
+    """(train, test) lists of source names: ``test_names`` if given, else a seeded ``test_fraction`` (>= 1 each).
+
+    Call it twice for a validation split (on the train names of the first call)."""
     names = sorted(set(names))
     if len(names) < 2:
         raise ValueError(f"need at least 2 source photos to split train/test by photo, got {len(names)}")
@@ -267,7 +357,7 @@ def _pick_crops(clean: np.ndarray, deg: np.ndarray, c: int, split: str, n: int, 
     def visible(y, x):
         return diff[y:y + c, x:x + c].mean() >= _MIN_VISIBLE
 
-    if split == "train":
+    if split == "train":  # (val and test: the fixed grid)
         rng = np.random.default_rng(seed)
         out = []
         for _ in range(n):
@@ -314,19 +404,25 @@ def build_weather_set(root: str | os.PathLike, config: WeatherSetConfig | None =
     tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
     if config.image_dir is not None:
         photos = load_image_folder(config.image_dir)
-        train_names, test_names = split_by_source(list(photos), None, config.test_fraction, config.seed)
     else:
-        photos = builtin_photos()
-        train_names, test_names = split_by_source(list(photos), config.test_photos, config.test_fraction, config.seed)
+        photos = photo_set(config.photos, max_side=2 * config.photo_size)
+    train_names, test_names = split_by_source(list(photos), config.test_photos, config.test_fraction, config.seed)
+    val_names: list[str] = []
+    if config.val_photos or (config.val_photos is None and config.val_fraction > 0):
+        frac = config.val_fraction * len(photos) / len(train_names) if config.val_photos is None else 0.3
+        train_names, val_names = split_by_source(train_names, config.val_photos, frac, config.seed + 1)
     if config.max_photos is not None:
-        train_names, test_names = train_names[: config.max_photos], test_names[: config.max_photos]
+        train_names, val_names, test_names = (train_names[: config.max_photos], val_names[: config.max_photos],
+                                              test_names[: config.max_photos])
     index: dict = {"format": _FORMAT_VERSION, "config": asdict(config), "weather_types": list(WEATHER_TYPES),
-                   "sources": {"train": train_names, "test": test_names}, "train": [], "test": []}
+                   "sources": {"train": train_names, "val": val_names, "test": test_names},
+                   "train": [], "val": [], "test": []}
     jobs = [(split, n, w, v) for split, names, nv in (("train", train_names, config.train_variants),
+                                                        ("val", val_names, config.test_variants),
                                                         ("test", test_names, config.test_variants))
             for n in names for w in config.weather_types for v in range(nv)]
     try:
-        for split in ("train", "test"):
+        for split in ("train", "val", "test"):
             (tmp / split / "input").mkdir(parents=True)
             (tmp / split / "gt").mkdir(parents=True)
         clean_cache: dict[str, np.ndarray] = {}
@@ -375,17 +471,26 @@ class WeatherPairs(Dataset):
 
     Returns ``{"pixel_values": (3,c,c) degraded, "labels": (3,c,c) clean, "weather": int64}`` in [0,1]. Images are read
     once into memory (uint8). ``source``, ``weather_names`` and ``entries`` give the metadata of every item.
+
+    ``random_crops=True`` (training): item ``i`` is a crop of the same image at a fresh position drawn from torch's
+    global RNG (so a seeded / resumed Trainer replays them), with a random horizontal flip; the set's listed
+    positions are used otherwise (validation / test: a fixed grid).
     """
 
-    def __init__(self, folder: str | os.PathLike, split: str = "train", weather_types: Sequence[str] | None = None):
+    def __init__(self, folder: str | os.PathLike, split: str = "train", weather_types: Sequence[str] | None = None,
+                 random_crops: bool = False):
         folder = Path(folder)
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
         if not (folder / "index.json").is_file():
             raise ValueError(f"{str(folder)!r} is not a built weather set (no index.json); use build_weather_set")
         index = json.loads((folder / "index.json").read_text())
+        if not index.get(split):
+            raise ValueError(f"the weather set {str(folder)!r} has no {split!r} split (no {split} photos; set "
+                             f"val_photos / val_fraction when building it)")
         self.folder, self.split, self.index = folder, split, index
         self.crop_size = int(index["config"]["crop_size"])
+        self.random_crops = bool(random_crops)
         entries = [e for e in index[split] if weather_types is None or e["weather"] in weather_types]
         self.entries = entries
         self._inputs = [_read_rgb(folder / e["input"]) for e in entries]
@@ -404,9 +509,16 @@ class WeatherPairs(Dataset):
             raise IndexError(f"index {i} out of range for {len(self)} items")
         j, y, x = self._items[i]
         c = self.crop_size
-        return {"pixel_values": _to_tensor(self._inputs[j][y:y + c, x:x + c]),
-                "labels": _to_tensor(self._gts[j][y:y + c, x:x + c]),
-                "weather": torch.tensor(self.entries[j]["label"], dtype=torch.long)}
+        inp, gt = self._inputs[j], self._gts[j]
+        flip = False
+        if self.random_crops:
+            h, w = inp.shape[:2]
+            y, x = int(torch.randint(0, h - c + 1, ()).item()), int(torch.randint(0, w - c + 1, ()).item())
+            flip = bool(torch.randint(0, 2, ()).item())
+        a, b = _to_tensor(inp[y:y + c, x:x + c]), _to_tensor(gt[y:y + c, x:x + c])
+        if flip:
+            a, b = a.flip(-1), b.flip(-1)
+        return {"pixel_values": a, "labels": b, "weather": torch.tensor(self.entries[j]["label"], dtype=torch.long)}
 
     @property
     def sources(self) -> list[str]:
@@ -431,12 +543,17 @@ def default_cache_dir() -> Path:
     return (Path(base) if base else Path.home() / ".cache" / "moezoo") / "weather"
 
 
-def weather_datasets(cache_dir: str | os.PathLike | None = None, *, progress: bool = True,
-                     **config) -> tuple[WeatherPairs, WeatherPairs]:
-    """Build or reuse the multi-weather set (options: :class:`WeatherSetConfig` fields); return (train, test)."""
+def weather_datasets(cache_dir: str | os.PathLike | None = None, *, progress: bool = True, random_crops: bool = False,
+                     with_val: bool = False, **config) -> tuple[WeatherPairs, ...]:
+    """Build or reuse the multi-weather set (options: :class:`WeatherSetConfig` fields); return (train, test), or
+    (train, val, test) with ``with_val``. ``random_crops``: the train split draws fresh crops (see
+    :class:`WeatherPairs`)."""
     folder = build_weather_set(cache_dir if cache_dir is not None else default_cache_dir(),
                                WeatherSetConfig.from_dict(config), progress=progress)
-    return WeatherPairs(folder, "train"), WeatherPairs(folder, "test")
+    train = WeatherPairs(folder, "train", random_crops=random_crops)
+    if with_val:
+        return train, WeatherPairs(folder, "val"), WeatherPairs(folder, "test")
+    return train, WeatherPairs(folder, "test")
 
 
 # ------------------------------------------------------------------------------------------------ All-Weather folders

@@ -44,6 +44,10 @@ class MoezooDeweatherConfig(MoezooConfig):
             models use ``"residual"``; converted official checkpoints keep the official mode.
         head_channels, num_head_resblocks, out_ch_scale, kernel_size: conv head / tail (official ``out_ch``,
             2 ResBlocks, ``out_ch_scale``, 3).
+        tail_skip: add the conv head's full-resolution features (1x1 conv to the tail width) to the un-patchified
+            tokens before the tail (default False = the official layout, whose only path from the head to the tail
+            goes through one ``hidden_size`` token per patch; a tiny model with ``hidden_size`` < 3 * patch_size**2
+            cannot carry a per-pixel correction through it).
         dropout: attention-output and adaptor/expert dropout (official 0.1); embed_dropout after the patch embedding.
         layer_norm_eps: eps of every LayerNorm.
     """
@@ -83,6 +87,7 @@ class MoezooDeweatherConfig(MoezooConfig):
     num_head_resblocks: int = 2
     out_ch_scale: int = 4
     kernel_size: int = 3
+    tail_skip: bool = False
     dropout: float = 0.0
     embed_dropout: float = 0.0
     layer_norm_eps: float = 1e-5

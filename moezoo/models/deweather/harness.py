@@ -4,8 +4,9 @@ In one run:
 
 1. **Restoration quality**: PSNR / SSIM per weather type and overall of the degraded input and of every model --
    given as folders (``models={"label": "path"}``) and/or trained here from recipe configs at an equal budget
-   (``train_configs``; the default compares tiny MoFME with the tiny conventional MoE) -- on the built-in multi-weather
-   test split (or All-Weather folders); triptych PNGs (degraded / each model / clean) per weather type.
+   (``train_configs``; the default compares tiny MoFME with the tiny conventional MoE), once per seed with ``seeds``
+   (mean ± std over the seeds) -- on the built-in multi-weather test split (held-out photos) or All-Weather folders;
+   triptych PNGs (degraded / each model / clean) per weather type.
 2. **Size and speed**: parameters (whole model and MoE layers) and median CPU inference time (same input, fixed torch
    threads, models interleaved so background load hits all alike) of MoFME vs the conventional MoE at equal expert
    count, with the savings in % as the MoFME paper reports them: for the evaluated pair and for the registered
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 __all__ = ["S_PAIRS", "TINY_PAIRS", "count_parameters", "time_models", "efficiency_comparison", "load_model",
-           "run_benchmark", "efficiency_table", "quality_table"]
+           "run_benchmark", "efficiency_table", "quality_table", "aggregate_seeds", "seeds_table"]
 
 S_PAIRS = [("deweather_mofme_s_e4k2", "deweather_moe_s_e4k2"), ("deweather_mofme_s_e8k2", "deweather_moe_s_e8k2"),
            ("deweather_mofme_s_e16k4", "deweather_moe_s_e16k4")]
@@ -175,6 +176,48 @@ def quality_table(results: Mapping[str, Mapping]) -> str:
     return format_metrics_table(results)
 
 
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def aggregate_seeds(runs: list[Mapping]) -> dict:
+    """Per-weather mean / std over seeds of :func:`evaluate_restoration` ``restored`` dicts (one per seed).
+
+    Returns ``{weather: {"psnr", "psnr_std", "ssim", "ssim_std", "count", "seeds"}}`` (psnr / ssim are the means).
+    """
+    if not runs:
+        raise ValueError("aggregate_seeds needs at least one run")
+    out = {}
+    for w in runs[0]:
+        ps, ss = _mean_std([r[w]["psnr"] for r in runs]), _mean_std([r[w]["ssim"] for r in runs])
+        out[w] = {"psnr": ps[0], "psnr_std": ps[1], "ssim": ss[0], "ssim_std": ss[1], "count": runs[0][w]["count"],
+                  "seeds": len(runs)}
+    return out
+
+
+def seeds_table(results: Mapping[str, Mapping], extra: Mapping[str, list[str]] | None = None,
+                extra_head: list[str] | None = None) -> str:
+    """Markdown table of :func:`aggregate_seeds` results: ``PSNR mean ± std / SSIM mean ± std`` per weather.
+
+    ``extra``: more cells per row (e.g. parameters, time) under the column names ``extra_head``."""
+    weathers = [w for w in next(iter(results.values())) if w != "overall"] + ["overall"]
+    extra_head = list(extra_head or [])
+    head = "| system | " + " | ".join(f"{w} PSNR / SSIM" for w in weathers) + "".join(f" | {h}" for h in extra_head) + " |"
+    lines = [head, "|---|" + "---|" * (len(weathers) + len(extra_head))]
+    for name, r in results.items():
+        cells = []
+        for w in weathers:
+            d = r[w]
+            if d.get("seeds", 1) > 1:
+                cells.append(f"{d['psnr']:.2f} ± {d['psnr_std']:.2f} / {d['ssim']:.4f} ± {d['ssim_std']:.4f}")
+            else:
+                cells.append(f"{d['psnr']:.2f} / {d['ssim']:.4f}")
+        cells += list((extra or {}).get(name, ["-"] * len(extra_head)))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def load_model(path: str | os.PathLike):
     """A deweather model from a moezoo folder (``save_pretrained`` output or a Trainer checkpoint)."""
     from transformers import AutoModelForImageToImage
@@ -189,13 +232,16 @@ def load_model(path: str | os.PathLike):
 def run_benchmark(*, output_dir: str | os.PathLike, models: Mapping[str, str] | None = None,
                   train_configs: Mapping[str, Mapping] | None = None, data: Mapping | None = None,
                   fast: bool = False, speed_pairs: list | None = None, speed_repeats: int = 10, threads: int = 1,
-                  triptychs: int = 4, max_items: int | None = None, printer: Callable = print) -> dict:
+                  triptychs: int = 4, max_items: int | None = None, seeds: list[int] | None = None,
+                  printer: Callable = print) -> dict:
     """Evaluate / train-then-evaluate models and compare MoFME with the conventional MoE (see module docstring).
 
     Args:
         models: ``{label: folder}`` of trained models to evaluate.
         train_configs: ``{label: recipe config}`` trained here first, each with the same ``trainer`` section as given
-            (give them equal budgets); their output_dir defaults to ``<output_dir>/train/<label>``.
+            (give them equal budgets); their output_dir defaults to ``<output_dir>/train/<label>[/seed<s>]``.
+        seeds: train every config once per seed (``trainer.seed``: initialisation and crop order; the data and its
+            held-out photos stay the same) and report mean ± std over the seeds; None = each config's own seed.
         data: the recipe ``data`` section of the evaluation set (default: the built-in multi-weather test split;
             train-then-eval runs use each config's own data section for training).
         fast: CI mode -- time the ``_s_`` configs not at all (parameter counts only, on the meta device).
@@ -209,19 +255,38 @@ def run_benchmark(*, output_dir: str | os.PathLike, models: Mapping[str, str] | 
     out.mkdir(parents=True, exist_ok=True)
     if not models and not train_configs:
         raise ValueError("give at least one model folder (models=...) or a training config (train_configs=...)")
-    loaded: dict[str, nn.Module] = {}
+    if seeds is not None and (not seeds or not all(isinstance(x, int) for x in seeds)):
+        raise ValueError(f"seeds must be a non-empty list of ints or None, got {seeds!r}")
+    model_dirs: dict[str, list[str]] = {}   # label -> one folder per seed
     trained: dict[str, dict] = {}
     for label, cfg in (train_configs or {}).items():
-        cfg = copy.deepcopy(dict(cfg))
-        cfg.setdefault("trainer", {})
-        cfg["trainer"].setdefault("output_dir", str(out / "train" / label))
-        printer(f"\n--- training {label} ({cfg.get('model', {}).get('name')}) ---")
-        res = train(cfg, printer=printer, progress=not fast)
-        trained[label] = {k: res[k] for k in ("step", "model_dir", "train_time_s", "loss", "routing_plots")}
-        trained[label]["routing_summary"] = (res.get("routing_summary") or {}).get("_all")
-        loaded[label] = load_model(res["model_dir"])
+        runs = []
+        for seed in (seeds or [None]):
+            c = copy.deepcopy(dict(cfg))
+            c.setdefault("trainer", {})
+            base = c["trainer"].get("output_dir") or str(out / "train" / label)
+            if seed is not None:
+                c["trainer"]["seed"] = seed
+                c["trainer"]["output_dir"] = str(Path(base) / f"seed{seed}") if seeds and len(seeds) > 1 else base
+            else:
+                c["trainer"]["output_dir"] = base
+            printer(f"\n--- training {label} ({c.get('model', {}).get('name')})"
+                    + (f", seed {seed}" if seed is not None else "") + " ---")
+            res = train(c, printer=printer, progress=not fast)
+            run = {k: res[k] for k in ("step", "model_dir", "train_time_s", "loss", "routing_plots")}
+            run["seed"] = res["config"]["trainer"]["seed"]
+            run["routing_summary"] = (res.get("routing_summary") or {}).get("_all")
+            if "val" in res["metrics"]:
+                run["val"] = res["metrics"]["val"]["after"]["overall"]
+            runs.append(run)
+        model_dirs[label] = [r["model_dir"] for r in runs]
+        tt = _mean_std([r["train_time_s"] for r in runs])
+        trained[label] = {**runs[0], "runs": runs, "seeds": [r["seed"] for r in runs],
+                          "train_time_s": tt[0], "train_time_std_s": tt[1],
+                          "loss": statistics.fmean(r["loss"] for r in runs)}
     for label, path in (models or {}).items():
-        loaded[label] = load_model(path)
+        model_dirs[label] = [str(path)]
+    loaded: dict[str, nn.Module] = {label: load_model(dirs[0]) for label, dirs in model_dirs.items()}
 
     patch = max(int(m.config.patch_size) for m in loaded.values())
     data_cfg = _merge(DEFAULT_RECIPE["data"], data or {})
@@ -233,12 +298,17 @@ def run_benchmark(*, output_dir: str | os.PathLike, models: Mapping[str, str] | 
     _, test = build_datasets(data_cfg, patch_size=patch, progress=not fast)
     printer(f"\nevaluation set ({data_cfg['source']}): {len(test)} test samples")
     quality: dict[str, dict] = {}
-    for label, m in loaded.items():
-        r = evaluate_restoration(m, test, batch_size=32 if data_cfg["source"] != "allweather" else 1,
-                                 max_items=max_items, include_input=not quality)
-        if "degraded input" in r:
-            quality["degraded input"] = r["degraded input"]
-        quality[label] = r["restored"]
+    per_seed: dict[str, list] = {}
+    bs = 32 if data_cfg["source"] != "allweather" else 1
+    for label, dirs in model_dirs.items():
+        per_seed[label] = []
+        for k, d in enumerate(dirs):
+            m = loaded[label] if k == 0 else load_model(d)
+            r = evaluate_restoration(m, test, batch_size=bs, max_items=max_items, include_input=not quality)
+            if "degraded input" in r:
+                quality["degraded input"] = r["degraded input"]
+            per_seed[label].append(r["restored"])
+        quality[label] = aggregate_seeds(per_seed[label])
     trip = save_triptychs(loaded, test, out / "triptychs", triptychs, patch) if triptychs else []
 
     # equal-expert-count pairs among the evaluated models
@@ -259,12 +329,21 @@ def run_benchmark(*, output_dir: str | os.PathLike, models: Mapping[str, str] | 
                 f"median of {speed_repeats}) ...")
     s_rows = efficiency_comparison(pairs, time_it=not fast, repeats=speed_repeats, threads=threads)
 
+    n_seeds = max(len(v) for v in per_seed.values())
+    extra_head, extra = ["params", "train time"], {"degraded input": ["-", "-"]}
+    for label, m in loaded.items():
+        t = trained.get(label)
+        tt = "-" if t is None else (f"{t['train_time_s']:.0f} ± {t['train_time_std_s']:.0f} s" if len(t["runs"]) > 1
+                                    else f"{t['train_time_s']:.0f} s")
+        extra[label] = [f"{count_parameters(m)['total']:,}", tt]
     md = ["# Deweather benchmark: MoFME vs conventional MoE", "",
-          f"Evaluation set: {data_cfg['source']} ({len(test)} test samples); PSNR (dB) / SSIM per weather type, "
-          "averaged over images.", "", quality_table(quality), ""]
+          f"Evaluation set: {data_cfg['source']}" + (f" ({data_cfg.get('photos')} photos)" if data_cfg["source"] == "builtin" else "")
+          + f", {len(test)} held-out test samples; PSNR (dB) / SSIM per weather type, averaged over images"
+          + (f"; mean ± std over {n_seeds} seeds" if n_seeds > 1 else "") + ".", "",
+          seeds_table(quality, extra, extra_head), ""]
     if trained:
         runs = [f"{k}: {v['step']} steps, {v['train_time_s']:.0f} s, final loss {v['loss']:.4f}"
-                for k, v in trained.items()]
+                + (f" (seeds {v['seeds']})" if len(v["runs"]) > 1 else "") for k, v in trained.items()]
         md += ["Training (equal budget): " + "; ".join(runs), ""]
     if own_rows:
         md += ["## Evaluated models: size and CPU inference time", "", efficiency_table(own_rows), ""]
@@ -278,7 +357,8 @@ def run_benchmark(*, output_dir: str | os.PathLike, models: Mapping[str, str] | 
         md += ["Triptychs (degraded / restored / clean): " + ", ".join(Path(p).name for p in trip), ""]
     text = "\n".join(md)
     (out / "results.md").write_text(text)
-    results = {"quality": quality, "trained": trained, "efficiency_evaluated": own_rows,
+    results = {"quality": quality, "quality_per_seed": per_seed, "seeds": seeds, "trained": trained,
+               "efficiency_evaluated": own_rows,
                "efficiency_registered": s_rows, "triptychs": trip, "data": data_cfg, "fast": fast,
                "threads": threads, "speed_repeats": speed_repeats}
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")

@@ -32,6 +32,7 @@ class MoezooDeweatherModelOutput(ModelOutput):
         router_logits: one (B*N, E) tensor per MoE layer (when ``output_router_logits``).
         routing_weights: one (B, N, E) dense combine-weight tensor per MoE layer (0 for unselected experts).
         router_outputs: the full :class:`moezoo.core.RouterOutput` of every MoE layer.
+        head_features: (B, head_channels, H, W) conv-head features (only with the config's ``tail_skip``).
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -39,6 +40,7 @@ class MoezooDeweatherModelOutput(ModelOutput):
     router_logits: tuple[torch.FloatTensor, ...] | None = None
     routing_weights: tuple[torch.FloatTensor, ...] | None = None
     router_outputs: tuple[RouterOutput, ...] | None = None
+    head_features: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -245,7 +247,8 @@ class MoezooDeweatherModel(MoezooDeweatherPreTrainedModel):
                                 else self.config.output_router_logits)
         output_hidden_states = (output_hidden_states if output_hidden_states is not None
                                 else self.config.output_hidden_states)
-        x = self.embed_dropout(self.patch_embed(self.head(pixel_values)))
+        feats = self.head(pixel_values)
+        x = self.embed_dropout(self.patch_embed(feats))
         B, N, _ = x.shape
         all_hidden = (x,) if output_hidden_states else None
         router_outputs = []
@@ -259,7 +262,7 @@ class MoezooDeweatherModel(MoezooDeweatherPreTrainedModel):
             router_logits=tuple(ro.logits for ro in router_outputs) if output_router_logits else None,
             routing_weights=tuple(ro.combine_weights()[:, : layer.mlp.num_experts].reshape(B, N, -1)
                                   for ro, layer in zip(router_outputs, self.layers)),
-            router_outputs=tuple(router_outputs))
+            router_outputs=tuple(router_outputs), head_features=feats if self.config.tail_skip else None)
         return result if return_dict is not False else result.to_tuple()
 
 
@@ -273,6 +276,8 @@ class MoezooDeweatherForImageRestoration(MoezooDeweatherPreTrainedModel):
         half = max(ch // 2, 1)
         self.tail_proj = nn.Linear(config.hidden_size, ch * p * p)
         self.tail = nn.Sequential(ResBlock(ch, k), _conv(ch, half, k), ResBlock(half, k), _conv(half, config.out_channels, k))
+        # full-resolution path around the transformer (see the config's tail_skip)
+        self.tail_skip = nn.Conv2d(config.head_channels, ch, 1) if config.tail_skip else None
         if config.output_mode == "residual":  # start near the identity map (see the config's output_mode)
             self.tail[-1]._moezoo_near_zero_init = True
         self.post_init()
@@ -293,7 +298,10 @@ class MoezooDeweatherForImageRestoration(MoezooDeweatherPreTrainedModel):
         out = self.model(pixel_values, output_router_logits=output_router_logits,
                          output_hidden_states=output_hidden_states, **signals)
         H, W = pixel_values.shape[-2:]
-        pre = self.tail(self.unpatchify(self.tail_proj(out.last_hidden_state), H, W))
+        t = self.unpatchify(self.tail_proj(out.last_hidden_state), H, W)
+        if self.tail_skip is not None:
+            t = t + self.tail_skip(out.head_features)
+        pre = self.tail(t)
         mode = self.config.output_mode
         if mode == "residual":
             recon = pixel_values.to(pre.dtype) + pre

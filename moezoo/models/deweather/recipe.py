@@ -3,8 +3,8 @@
 A recipe config is a nested dict (YAML) with these sections (plus ``threads``: torch threads while training)::
 
     model:   {name: deweather_mofme_tiny_e4k2, tiny: false, config: {router_type: uncertainty}, init_from: null}
-    data:    {source: builtin | folder | allweather, root: null, cache_dir: null, crop_size: 64, ...}
-    loss:    {perceptual_weight: 0.04}
+    data:    {source: builtin | folder | allweather, photos: all, root: null, cache_dir: null, crop_size: 64, ...}
+    loss:    {perceptual_weight: 0.04, pixel: l1}      # pixel: l1 (the model's own loss) | mse | charbonnier
     eval:    {batch_size: 32, max_items: null, triptychs: 4}
     trainer: {output_dir: runs/x, max_steps: 300, batch_size: 16, learning_rate: 2e-3, ...}   # moezoo.trainer
 
@@ -35,10 +35,10 @@ __all__ = [
 
 DEFAULT_RECIPE: dict = {
     "model": {"name": "deweather_mofme_tiny_e4k2", "tiny": False, "config": {}, "init_from": None},
-    "data": {"source": "builtin", "root": None, "cache_dir": None, "seed": 0, "photo_size": 192, "crop_size": 64,
-             "train_variants": 2, "test_variants": 1, "train_crops": 24, "test_crops": 4, "max_photos": None,
-             "resize": None},
-    "loss": {"perceptual_weight": 0.04},
+    "data": {"source": "builtin", "photos": "all", "root": None, "cache_dir": None, "seed": 0, "photo_size": 192,
+             "crop_size": 64, "train_variants": 2, "test_variants": 1, "train_crops": 24, "test_crops": 4,
+             "max_photos": None, "random_crops": True, "resize": None},
+    "loss": {"perceptual_weight": 0.04, "pixel": "l1"},
     "eval": {"batch_size": 32, "max_items": None, "triptychs": 4},
     "threads": None,  # torch intra-op threads while training (None: torch's default); tiny models run best on 1
     "trainer": {"output_dir": "runs/deweather", "max_steps": 300, "batch_size": 16, "learning_rate": 2e-3,
@@ -46,7 +46,8 @@ DEFAULT_RECIPE: dict = {
                 "grad_clip": 1.0, "save_every": 100, "log_every": 10, "eval_every": None, "seed": 0},
 }
 _WEATHER_SET_KEYS = ("seed", "photo_size", "crop_size", "train_variants", "test_variants", "train_crops", "test_crops",
-                     "max_photos", "weather_types", "test_photos", "test_fraction")
+                     "max_photos", "weather_types", "test_photos", "test_fraction", "photos", "val_photos",
+                     "val_fraction")
 
 
 def _merge(base: dict, over: Mapping) -> dict:
@@ -96,8 +97,13 @@ def build_model(model_cfg: Mapping):
     return moezoo.create_model(model_cfg["name"], tiny=bool(model_cfg.get("tiny")), **(model_cfg.get("config") or {}))
 
 
-def build_datasets(data_cfg: Mapping, patch_size: int = 8, progress: bool = True):
-    """(train, test) datasets of the recipe's ``data`` section; items ``{"pixel_values", "labels", "weather"}``."""
+def build_datasets(data_cfg: Mapping, patch_size: int = 8, progress: bool = True, with_val: bool = False):
+    """(train, test) datasets of the recipe's ``data`` section; items ``{"pixel_values", "labels", "weather"}``.
+
+    ``with_val``: (train, val, test); val is None when the data has no validation split (All-Weather folders, a user
+    folder without ``val_fraction``, ``photos: builtin``). Built sets are split by source photo; the train split draws
+    fresh random crops at ``crop_size`` (``random_crops``, default on), val / test use a fixed grid of crops.
+    """
     from moezoo.data import weather as W
 
     src = data_cfg.get("source", "builtin")
@@ -110,11 +116,20 @@ def build_datasets(data_cfg: Mapping, patch_size: int = 8, progress: bool = True
         resize = tuple(data_cfg["resize"]) if data_cfg.get("resize") else None
         train = W.allweather_train_set(data_cfg["root"], crop_size=crop, crop="random", resize=resize)
         tests = W.allweather_test_sets(data_cfg["root"], resize=resize, multiple_of=patch_size)
-        return train, ConcatDataset(list(tests.values()))
-    opts = {k: data_cfg[k] for k in _WEATHER_SET_KEYS if data_cfg.get(k) is not None}
+        test = ConcatDataset(list(tests.values()))
+        return (train, None, test) if with_val else (train, test)
+    opts = {k: data_cfg[k] for k in _WEATHER_SET_KEYS if k in data_cfg and (data_cfg[k] is not None or k.endswith("_photos"))}
     if src == "folder":
         opts["image_dir"] = str(data_cfg["root"])
-    return W.weather_datasets(data_cfg.get("cache_dir"), progress=progress, **opts)
+        opts.pop("photos", None)
+    folder = W.build_weather_set(data_cfg.get("cache_dir") or W.default_cache_dir(),
+                                 W.WeatherSetConfig.from_dict(opts), progress=progress)
+    train = W.WeatherPairs(folder, "train", random_crops=bool(data_cfg.get("random_crops", True)))
+    test = W.WeatherPairs(folder, "test")
+    if not with_val:
+        return train, test
+    val = W.WeatherPairs(folder, "val") if json.loads((folder / "index.json").read_text()).get("val") else None
+    return train, val, test
 
 
 def restoration_collate(items: list[dict]) -> dict:
@@ -174,26 +189,52 @@ class VGGPerceptualLoss(nn.Module):
         return loss / len(self.layers)
 
 
-def make_loss_fn(perceptual_weight: float = 0.0, printer: Callable = print) -> Callable | None:
-    """The Trainer ``loss_fn``: None (the model's own L1 + aux loss) unless a perceptual term is on and possible."""
-    if not perceptual_weight:
+PIXEL_LOSSES = ("l1", "mse", "charbonnier")
+
+
+def _pixel_loss(kind: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if kind == "mse":
+        return F.mse_loss(pred, target)
+    if kind == "charbonnier":
+        return torch.sqrt((pred - target) ** 2 + 1e-6).mean()
+    return F.l1_loss(pred, target)
+
+
+def make_loss_fn(perceptual_weight: float = 0.0, printer: Callable = print, pixel: str = "l1") -> Callable | None:
+    """The Trainer ``loss_fn``: None (the model's own L1 + aux loss) unless another pixel loss (``"mse"``,
+    ``"charbonnier"``) or a perceptual term is on and possible."""
+    if pixel not in PIXEL_LOSSES:
+        raise ValueError(f"loss.pixel must be one of {PIXEL_LOSSES}, got {pixel!r}")
+    perc = None
+    if perceptual_weight:
+        path = vgg16_weights_path()
+        if path is None:
+            where = Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
+            printer(f"perceptual loss skipped: no VGG16 weights in {where} (nothing is downloaded); "
+                    f"training with {pixel} + router aux loss")
+        else:
+            perc = VGGPerceptualLoss.from_file(path)
+            printer(f"perceptual loss: {perceptual_weight} x VGG16 feature L1 (weights {path})")
+    if perc is None and pixel == "l1":
         return None
-    path = vgg16_weights_path()
-    if path is None:
-        where = Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
-        printer(f"perceptual loss skipped: no VGG16 weights in {where} (nothing is downloaded); "
-                "training with L1 + router aux loss")
-        return None
-    perc = VGGPerceptualLoss.from_file(path)
-    printer(f"perceptual loss: {perceptual_weight} x VGG16 feature L1 (weights {path})")
 
     def loss_fn(model, batch):
-        out = model(**batch)
-        p = perc.to(out.reconstruction.device)(out.reconstruction, batch["labels"])
-        logs = {"l1_plus_aux": out.loss.detach(), "perceptual": p.detach()}
+        if pixel == "l1":
+            out = model(**batch)
+            loss = out.loss
+            logs = {"l1_plus_aux": out.loss.detach()}
+        else:
+            out = model(pixel_values=batch["pixel_values"], output_router_logits=True)
+            pix = _pixel_loss(pixel, out.reconstruction, batch["labels"].to(out.reconstruction.dtype))
+            loss = pix + (out.aux_loss if out.aux_loss is not None else 0.0)
+            logs = {pixel: pix.detach()}
         if out.aux_loss is not None:
             logs["aux_loss"] = out.aux_loss.detach()
-        return out.loss + perceptual_weight * p, logs
+        if perc is not None:
+            p = perc.to(out.reconstruction.device)(out.reconstruction, batch["labels"])
+            logs["perceptual"] = p.detach()
+            loss = loss + perceptual_weight * p
+        return loss, logs
 
     return loss_fn
 
@@ -368,8 +409,9 @@ def _train(cfg: dict, printer: Callable, progress: bool, callbacks: list | None)
     torch.manual_seed(tcfg.seed)
     model = build_model(cfg["model"])
     patch = int(model.config.patch_size)
-    train_ds, test_ds = build_datasets(cfg["data"], patch_size=patch, progress=progress)
-    printer(f"data ({cfg['data']['source']}): {len(train_ds)} train / {len(test_ds)} test samples")
+    train_ds, val_ds, test_ds = build_datasets(cfg["data"], patch_size=patch, progress=progress, with_val=True)
+    printer(f"data ({cfg['data']['source']}): {len(train_ds)} train / {len(val_ds) if val_ds is not None else 0} val / "
+            f"{len(test_ds)} test samples (split by source photo)")
     s = model.parameter_summary()
     printer(f"model {cfg['model']['init_from'] or cfg['model']['name']}: {s['total']:,} parameters, "
             f"{len(s['moe_layers'])} MoE layers x {model.config.num_experts} {model.config.expert_type} experts "
@@ -377,23 +419,28 @@ def _train(cfg: dict, printer: Callable, progress: bool, callbacks: list | None)
     ev = cfg["eval"]
     before = evaluate_restoration(model, test_ds, ev["batch_size"], ev["max_items"])
 
+    monitor_ds = val_ds if val_ds is not None else test_ds  # evaluation during training: the val split when there is one
+
     def eval_fn(m, step):
-        return _flat_metrics(evaluate_restoration(m, test_ds, ev["batch_size"], ev["max_items"], include_input=False))
+        return _flat_metrics(evaluate_restoration(m, monitor_ds, ev["batch_size"], ev["max_items"], include_input=False))
 
     trainer = Trainer(model, tcfg, train_data=train_ds, collate_fn=restoration_collate,
-                      loss_fn=make_loss_fn(cfg["loss"]["perceptual_weight"], printer),
+                      loss_fn=make_loss_fn(cfg["loss"]["perceptual_weight"], printer, cfg["loss"]["pixel"]),
                       eval_fn=eval_fn if tcfg.eval_every else None, callbacks=callbacks)
     if trainer.step:
         printer(f"resumed from step {trainer.step}")
     result = trainer.train()
     model = trainer.unwrapped_model
     after = evaluate_restoration(model, test_ds, ev["batch_size"], ev["max_items"])
+    val = evaluate_restoration(model, val_ds, ev["batch_size"], ev["max_items"]) if val_ds is not None else None
     model_dir = out_dir / "model"
     if trainer.is_main:
         model.save_pretrained(str(model_dir))
     trip = save_triptychs({"restored": model}, test_ds, out_dir / "triptychs", ev["triptychs"], patch) \
         if ev["triptychs"] and trainer.is_main else []
     metrics = {"before": before["restored"], "after": after["restored"], "degraded input": after["degraded input"]}
+    if val is not None:
+        metrics["val"] = {"after": val["restored"], "degraded input": val["degraded input"]}
     if trainer.is_main:
         (out_dir / "metrics.json").write_text(json.dumps(
             {"model": cfg["model"], "steps": result["step"], "metrics": metrics}, indent=2) + "\n")

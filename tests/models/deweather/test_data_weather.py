@@ -250,3 +250,41 @@ def test_restoration_metrics_per_weather():
         m.update(p, t, weather=torch.tensor([0, 1, 2, 9]))
     m.reset()
     assert m.compute() == {}
+
+
+# ------------------------------------------------------------------------------------------------ Debian photographs
+def test_debian_photos_missing_package_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install -y .*mate-backgrounds"):
+        W.debian_photos(["mate_aqua"], root=tmp_path)
+    with pytest.raises(ValueError, match="unknown Debian photo"):
+        W.debian_photos(["nope"])
+    with pytest.raises(ValueError, match="photos must be one of"):
+        W.WeatherSetConfig(photos="flickr")
+    with pytest.raises(ValueError, match="val_fraction"):
+        W.WeatherSetConfig(val_fraction=1.5)
+    assert {pkg for pkg, _ in W.DEBIAN_PHOTOS.values()} == {"mate-backgrounds", "lomiri-wallpapers-16.04",
+                                                              "lomiri-wallpapers-20.04"}
+
+
+def test_all_photos_split_train_val_test_by_source(tmp_path):
+    """photos="all" (CI installs the Debian packages): three disjoint splits by source photo, random train crops."""
+    pics = W.debian_photos(["mate_storm", "lomiri_kleiber"], max_side=64)
+    assert all(min(im.shape[:2]) >= 64 and im.dtype == np.uint8 and im.shape[2] == 3 for im in pics.values())
+    folder = W.build_weather_set(tmp_path, photos="all", progress=False, photo_size=32, crop_size=16,
+                                 train_variants=1, train_crops=2, test_crops=1, weather_types=("rain",))
+    index = json.loads((folder / "index.json").read_text())
+    src = {k: {e["source"] for e in index[k]} for k in ("train", "val", "test")}
+    val_names, test_names = W.DEFAULT_SPLITS["all"]
+    assert src["val"] == set(val_names) and src["test"] == set(test_names)
+    assert not (src["train"] & src["val"] or src["train"] & src["test"] or src["val"] & src["test"])
+    assert src["train"] | src["val"] | src["test"] == set(W.BUILTIN_PHOTOS) | set(W.DEBIAN_PHOTOS)
+    tr = W.WeatherPairs(folder, "train", random_crops=True)
+    torch.manual_seed(0)
+    a = tr[0]
+    torch.manual_seed(0)
+    b = tr[0]
+    c = tr[0]
+    assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["labels"], b["labels"])
+    assert a["pixel_values"].shape == (3, 16, 16)
+    assert not torch.equal(b["labels"], c["labels"])           # a fresh crop each time
+    assert len(W.WeatherPairs(folder, "val")) == len(val_names)

@@ -215,3 +215,25 @@ def test_conventional_moe_honours_capacity_factor_and_shared_experts():
         assert not torch.allclose(model(pixel_values=torch.rand(2, 3, 16, 16)).reconstruction, out.reconstruction)
     with pytest.raises(ValueError, match="does not support"):
         _tiny(TINY, num_shared_experts=1)
+
+
+def test_tail_skip_adds_a_full_resolution_path(tmp_path):
+    plain = _tiny()
+    assert plain.tail_skip is None and "tail_skip" not in {n.split(".")[0] for n, _ in plain.named_parameters()}
+    model = _tiny(tail_skip=True)
+    x = torch.rand(2, 3, 16, 16)
+    out = model(pixel_values=x, labels=x.flip(-1))
+    out.loss.backward()
+    assert model.tail_skip.weight.grad.abs().sum() > 0
+    assert model.model(x).head_features.shape == (2, model.config.head_channels, 16, 16)
+    model.eval()
+    with torch.no_grad():
+        y = model(pixel_values=x).reconstruction
+        model.tail_skip.weight.mul_(10.0)
+        assert not torch.allclose(model(pixel_values=x).reconstruction, y)   # the skip reaches the output
+        model.tail_skip.weight.div_(10.0)
+    model.save_pretrained(tmp_path / "m")
+    again = MoezooDeweatherForImageRestoration.from_pretrained(tmp_path / "m").eval()
+    assert again.config.tail_skip
+    with torch.no_grad():
+        assert torch.allclose(again(pixel_values=x).reconstruction, y, atol=1e-6)

@@ -32,7 +32,7 @@ def fast_run(tmp_path_factory):
     torch.set_num_threads(1)
     try:
         res = _run_script()(["--fast", "--output-dir", str(out), "--cache-dir", str(out / "cache"),
-                             "--set", "threads=1"])
+                             "--set", "threads=1", "--seeds", "0", "1"])
     finally:
         torch.set_num_threads(n)
     return out, res
@@ -47,6 +47,12 @@ def test_fast_end_to_end(fast_run):
         assert set(system) == WEATHERS
         assert all(0 < v["psnr"] <= 100 and -1 <= v["ssim"] <= 1 for v in system.values())
     assert data["trained"]["mofme"]["step"] == data["trained"]["moe"]["step"] == 2      # equal budget
+    # --seeds 0 1: every config trained twice, mean ± std over the seeds
+    assert data["trained"]["mofme"]["seeds"] == [0, 1] and len(data["quality_per_seed"]["moe"]) == 2
+    ov = data["quality"]["mofme"]["overall"]
+    per = [r["overall"]["psnr"] for r in data["quality_per_seed"]["mofme"]]
+    assert ov["seeds"] == 2 and abs(ov["psnr"] - sum(per) / 2) < 1e-9 and ov["psnr_std"] > 0   # seeds differ
+    assert "±" in md and "over 2 seeds" in md
     # the evaluated pair: parameters + CPU time measured in the same run
     (row,) = data["efficiency_evaluated"]
     assert row["num_experts"] == 4 and row["time_mofme_s"] > 0 and row["time_moe_s"] > 0
@@ -60,13 +66,13 @@ def test_fast_end_to_end(fast_run):
     assert "| degraded input |" in md and "| mofme |" in md and "deweather_mofme_s_e16k4" in md
     pngs = sorted((out / "triptychs").glob("*.png"))
     assert len(pngs) == 2 and all(p.stat().st_size > 1000 for p in pngs)
-    assert (out / "train" / "mofme" / "routing_heatmap.png").is_file()
+    assert (out / "train" / "mofme" / "seed1" / "routing_heatmap.png").is_file()
 
 
 def test_evaluate_saved_model_folders(fast_run, tmp_path):
     out, _ = fast_run
-    res = _run_script()(["--fast", "--model", f"fme={out / 'train' / 'mofme' / 'model'}",
-                         "--model", str(out / "train" / "moe" / "checkpoint-2"), "--speed-pairs", "none",
+    res = _run_script()(["--fast", "--model", f"fme={out / 'train' / 'mofme' / 'seed0' / 'model'}",
+                         "--model", str(out / "train" / "moe" / "seed0" / "checkpoint-2"), "--speed-pairs", "none",
                          "--triptychs", "1", "--repeats", "2", "--output-dir", str(tmp_path / "eval"),
                          "--cache-dir", str(out / "cache"), "--max-items", "4"])
     assert set(res["quality"]) == {"degraded input", "fme", "checkpoint-2"}
@@ -99,3 +105,23 @@ def test_time_models_and_parameter_counts():
         harness.time_models({"a": a}, torch.rand(1, 3, 32, 32), repeats=0)
     with pytest.raises(ValueError, match="at least one model"):
         harness.run_benchmark(output_dir="unused")
+
+
+def test_aggregate_seeds_mean_and_sample_std(tmp_path):
+    runs = [{"rain": {"psnr": 20.0, "ssim": 0.5, "count": 4}, "overall": {"psnr": 20.0, "ssim": 0.5, "count": 4}},
+            {"rain": {"psnr": 22.0, "ssim": 0.7, "count": 4}, "overall": {"psnr": 22.0, "ssim": 0.7, "count": 4}},
+            {"rain": {"psnr": 24.0, "ssim": 0.6, "count": 4}, "overall": {"psnr": 24.0, "ssim": 0.6, "count": 4}}]
+    agg = harness.aggregate_seeds(runs)
+    assert agg["rain"]["psnr"] == pytest.approx(22.0) and agg["rain"]["psnr_std"] == pytest.approx(2.0)
+    assert agg["overall"]["ssim"] == pytest.approx(0.6) and agg["overall"]["ssim_std"] == pytest.approx(0.1)
+    assert agg["rain"]["seeds"] == 3 and agg["rain"]["count"] == 4
+    assert harness.aggregate_seeds(runs[:1])["rain"]["psnr_std"] == 0.0
+    table = harness.seeds_table({"input": runs[0], "m": agg}, {"m": ["1,000"]}, ["params"])
+    lines = table.splitlines()
+    assert lines[0] == "| system | rain PSNR / SSIM | overall PSNR / SSIM | params |"
+    assert lines[2] == "| input | 20.00 / 0.5000 | 20.00 / 0.5000 | - |"
+    assert lines[3] == "| m | 22.00 ± 2.00 / 0.6000 ± 0.1000 | 22.00 ± 2.00 / 0.6000 ± 0.1000 | 1,000 |"
+    with pytest.raises(ValueError, match="at least one run"):
+        harness.aggregate_seeds([])
+    with pytest.raises(ValueError, match="seeds"):
+        harness.run_benchmark(output_dir=tmp_path, models={"a": "b"}, seeds=[])

@@ -37,7 +37,8 @@ def test_configs_resolve(name):
     cfg = recipe.resolve_recipe(load_yaml_config(CONFIGS / name, overrides))
     assert cfg["model"]["name"].startswith("deweather_")
     if name.startswith("tiny"):
-        assert cfg["trainer"]["learning_rate"] == 2e-3 and cfg["data"]["source"] == "builtin"
+        assert cfg["trainer"]["learning_rate"] == 1e-3 and cfg["data"]["source"] == "builtin"
+        assert cfg["data"]["photos"] == "all" and cfg["data"]["random_crops"]
     else:
         assert cfg["data"]["source"] == "allweather"
     mofme, moe = (load_yaml_config(CONFIGS / n) for n in ("tiny_mofme.yaml", "tiny_moe.yaml"))
@@ -55,7 +56,8 @@ def test_train_three_steps_and_resume(tmp_path, monkeypatch):
     out = tmp_path / "a"
     assert (out / "model" / "model.safetensors").is_file() and (out / "checkpoint-3").is_dir()
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
-    assert set(metrics) == {"before", "after", "degraded input"}
+    assert set(metrics) == {"before", "after", "degraded input", "val"}     # val: the held-out validation photos
+    assert set(metrics["val"]) == {"after", "degraded input"}
     assert set(metrics["after"]) == {"rain", "snow", "fog", "raindrop", "overall"}
     assert len(list((out / "triptychs").glob("*.png"))) == 1
     assert (out / "routing_heatmap.png").is_file()                   # expert load logged for the FME layers
