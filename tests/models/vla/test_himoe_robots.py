@@ -158,3 +158,28 @@ def test_eval_script_robot_mode_routes_to_the_robot_benchmark(monkeypatch):
     assert mod.main(["--robots", "--variants", "himoe", "dense", "--steps", "5", "--eval-seeds", "200"]) == {"ok": True}
     assert seen["variants"] == ["himoe", "dense"] and seen["steps"] == 5 and seen["eval_seeds"] == [200]
     assert seen["model"] == "himoe_vla_tiny_e8k2" and seen["embodiments"] == ["reacher", "pusher"]
+
+
+def test_robot_recipe_yaml_configs_train_script_and_demo_step(demo_dir, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    import yaml
+
+    from moezoo.demo import DemoContext, list_demo_steps
+    from moezoo.models.vla.demo import himoe_demo_config
+
+    root = Path(__file__).resolve().parents[3]
+    files = sorted((root / "training" / "vla" / "configs").glob("robots_*_tiny.yaml"))
+    variants = {yaml.safe_load(f.read_text())["model"]["variant"] for f in files}
+    assert variants == set(ROBOT_VARIANTS)
+    spec = importlib.util.spec_from_file_location("train_vla", root / "training" / "vla" / "train.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.main(["--config", str(root / "training/vla/configs/robots_hb_only_tiny.yaml"), f"data.dir={demo_dir}",
+                    f"trainer.output_dir={tmp_path / 'run'}", "trainer.max_steps=1", "trainer.batch_size=2"])
+    assert res["policy"].config.mlp_layer_types == ["dense", "dense", "hb_moe", "hb_moe", "dense", "dense"]
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    assert "vla_himoe" in {s.name for s in list_demo_steps()}
+    cfg = himoe_demo_config(DemoContext(output_dir=tmp_path / "demo", quick=True))
+    assert cfg["model"]["name"] == "himoe_vla_tiny_e8k2" and cfg["data"]["embodiments"] == ["reacher", "pusher"]
