@@ -127,7 +127,8 @@ def convert_himoe_state_dict(state_dict: dict, config) -> tuple[dict, list[str]]
     return out, sorted(k for k in state_dict if k not in used)
 
 
-def _load_state(src: Path, allow_pickle: bool = False) -> dict:
+def load_official_state(src: Path, allow_pickle: bool = False) -> dict:
+    """Tensors of a safetensors file, or of every ``*.safetensors`` in a folder (pickles only with ``allow_pickle``)."""
     from safetensors.torch import load_file
 
     src = Path(src)
@@ -153,7 +154,7 @@ def convert_himoe(src, dst, *, model: str = "himoe_vla_e32k4", tiny: bool = Fals
     folder of the registry model ``model`` (``tiny`` / ``config`` overrides) with the action-MoE tensors mapped."""
     import moezoo
 
-    state = _load_state(Path(src), allow_pickle)
+    state = load_official_state(Path(src), allow_pickle)
     policy = moezoo.create_model(model, tiny=bool(tiny), **(config or {}))
     mapped, unmapped = convert_himoe_state_dict(state, policy.config)
     missing = [k for k in mapped if k not in policy.state_dict()]
@@ -166,5 +167,5 @@ def convert_himoe(src, dst, *, model: str = "himoe_vla_e32k4", tiny: bool = Fals
     return dst
 
 
-__all__ = ["convert_himoe_state_dict", "convert_layer", "official_mlp_keys", "official_kind", "convert_himoe",
+__all__ = ["load_official_state", "convert_himoe_state_dict", "convert_layer", "official_mlp_keys", "official_kind", "convert_himoe",
            "OFFICIAL_MLP"]
