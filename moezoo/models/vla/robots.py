@@ -211,7 +211,7 @@ class RobotEnv:
 # demonstrations (the VLA episode format of moezoo.models.vla.data, with an embodiment per episode)
 # ----------------------------------------------------------------------------------------------------------------------
 
-ROBOT_FORMAT = "moezoo-vla-episodes/1"
+from .data import FORMAT as ROBOT_FORMAT  # the driving episode format, one embodiment per episode (see data.py)
 
 
 def collect_robot_demonstrations(out_dir, embodiments, seeds, *, image_size: int = 32, log=print) -> Path:

@@ -47,6 +47,10 @@ def test_embodiments_render_and_scripted_experts_succeed():
         env.close()
     with pytest.raises(ValueError, match="unknown embodiment 'aloha'"):
         RobotEnv("aloha")
+    from moezoo.models.vla import ROBOT_EMBODIMENTS  # the registry's padding layout matches the simulators
+    for name, spec in robots.EMBODIMENTS.items():
+        assert ROBOT_EMBODIMENTS[name]["state_dim"] == spec.state_dim
+        assert len(ROBOT_EMBODIMENTS[name]["action_indices"]) == spec.action_dim
 
 
 def test_demonstrations_stats_and_padded_dataset(demo_dir):
