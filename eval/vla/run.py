@@ -10,7 +10,7 @@ plain top-k vs HiMoE vs AS-MoE only vs HB-MoE only action experts at equal activ
 expert and idle baselines), success per embodiment / task on held-out seeds, mean ± std over training seeds; GIFs and
 AS / HB expert-use heatmaps by embodiment and task.
 
-    MUJOCO_GL=egl python eval/vla/run.py --robots --out runs/vla_robots --steps 200 --train-seeds 0 1 2
+    MUJOCO_GL=egl python eval/vla/run.py --robots --out runs/vla_robots --steps 100 --train-seeds 0 1 2
 
 The logic lives in :mod:`moezoo.models.vla.harness` and :mod:`moezoo.models.vla.robot_harness`.
 """
@@ -48,9 +48,9 @@ def main(argv=None) -> dict:
         return run_robot_benchmark(output_dir=a.out or "runs/vla_robots", model=a.model or "himoe_vla_tiny_e8k2",
                                    tiny=not a.full, variants=a.variants or ["dense", "topk", "himoe", "as_only",
                                                                             "hb_only"],
-                                   train_seeds=a.train_seeds, steps=a.steps or 200, batch_size=a.batch_size or 16,
+                                   train_seeds=a.train_seeds, steps=a.steps or 100, batch_size=a.batch_size or 8,
                                    data_dir=a.data_dir, embodiments=a.embodiments,
-                                   demo_seeds=a.demo_seeds or list(range(8)), eval_seeds=a.eval_seeds or [100, 101, 102])
+                                   demo_seeds=a.demo_seeds or list(range(8)), eval_seeds=a.eval_seeds or [100, 101])
     from moezoo.models.vla.harness import run_benchmark
 
     a.out, a.model = a.out or "runs/vla_bench", a.model or "drivemoe_tiny_e6k1"

@@ -174,7 +174,7 @@ DEFAULT_ROBOT_RECIPE = {
     "data": {"dir": "runs/vla_robot_data", "embodiments": ["reacher", "pusher"], "seeds": list(range(8)),
              "image_size": 32},
     "threads": 1,
-    "trainer": {"output_dir": "runs/vla_robots", "max_steps": 300, "batch_size": 16, "learning_rate": 2e-3,
+    "trainer": {"output_dir": "runs/vla_robots", "max_steps": 100, "batch_size": 8, "learning_rate": 2e-3,
                 "warmup_steps": 20, "log_every": 50, "resume": "never", "overwrite_output_dir": True,
                 "progress_bar": False, "keep_last": 1, "mixed_precision": "no"},
 }

@@ -187,8 +187,8 @@ def robot_table(rows: dict, embodiments) -> str:
 
 def run_robot_benchmark(*, output_dir: str | Path, model: str = "himoe_vla_tiny_e8k2", tiny: bool = True,
                         variants=("dense", "topk", "himoe", "as_only", "hb_only"), train_seeds=(0, 1, 2),
-                        steps: int = 300, batch_size: int = 16, data_dir: str | Path | None = None,
-                        embodiments=("reacher", "pusher"), demo_seeds=tuple(range(8)), eval_seeds=(100, 101, 102),
+                        steps: int = 100, batch_size: int = 8, data_dir: str | Path | None = None,
+                        embodiments=("reacher", "pusher"), demo_seeds=tuple(range(8)), eval_seeds=(100, 101),
                         baselines: bool = True, printer: Callable = print) -> dict:
     """Collect demonstrations, train every variant per training seed, evaluate closed-loop on held-out seeds; write
     ``results.md`` / ``results.json``, GIFs under ``videos/`` and ``expert_use_<variant>.png`` heatmaps."""
