@@ -25,6 +25,7 @@ CASES = {
     "deweather_moe_tiny_e4k2": ["qkv_proj"],
     "deweather_mofme_tiny_e4k2": ["qkv_proj"],
     "audio_moe_tiny_e4k2": ["q_proj", "v_proj"],
+    "himoe_vla_tiny_e8k2": ["k_proj", "v_proj"],
     "drivemoe_tiny_e6k1": ["k_proj", "v_proj"],  # the action loss reads every LM layer's keys and values, not its last queries
     "vl_moe_smol_e4k2": ["q_proj", "v_proj"],
 }

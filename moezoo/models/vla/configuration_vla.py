@@ -1,12 +1,30 @@
-"""Configuration of ``vla``: π0-style vision-language-action policies (Drive-π0, DriveMoE; HiMoE-VLA later)."""
+"""Configuration of ``vla``: π0-style vision-language-action policies (Drive-π0, DriveMoE, HiMoE-VLA)."""
 from __future__ import annotations
 
 from ...modeling_utils import MoezooConfig
 
 NORM_MODES = ("mean_std", "min_max", "identity")
 PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
-# per-layer FFN kinds of the action expert; issue 12 (HiMoE-VLA) adds its AS-MoE / HB-MoE kinds here
-MLP_LAYER_TYPES = ("dense", "skill_moe")
+# per-layer FFN kinds of the action expert: dense; DriveMoE's skill MoE; HiMoE-VLA's action-space MoE (AS-MoE) and
+# heterogeneity-balancing MoE (HB-MoE); a plain token-level top-k MoE (the comparison's baseline)
+MLP_LAYER_TYPES = ("dense", "skill_moe", "as_moe", "hb_moe", "topk_moe")
+MOE_LAYOUTS = ("drivemoe", "himoe")
+
+
+def himoe_layer_types(num_layers: int, as_moe: bool = True, hb_moe: bool = True) -> list[str]:
+    """HiMoE-VLA's official placement (``HiMoEDecoderLayer``): AS-MoE where ``i <= 1 or i >= L - 2``, else HB-MoE where
+    ``i <= 5 or i >= L - 6``, dense elsewhere (L = 18: AS 0,1,16,17; HB 2-5,12-15; dense 6-11). ``as_moe=False`` /
+    ``hb_moe=False`` put dense FFNs in those slots (the ablations)."""
+    out = []
+    for i in range(num_layers):
+        if i <= 1 or i >= num_layers - 2:
+            out.append("as_moe" if as_moe else "dense")
+        elif i <= 5 or i >= num_layers - 6:
+            out.append("hb_moe" if hb_moe else "dense")
+        else:
+            out.append("dense")
+    return out
+
 
 TINY_TEXT_CONFIG = dict(model_type="llama", vocab_size=320, hidden_size=64, intermediate_size=128,
                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -34,6 +52,26 @@ class MoezooVlaConfig(MoezooConfig):
         reused by every MoE layer (its weights live in the first MoE layer's ``mlp.gate``); ``num_shared_experts``
         shared experts; optional skill supervision (``action_router_loss_coef``).
 
+    HiMoE-VLA on it (``action_moe_layout="himoe"``, or any ``mlp_layer_types`` with ``"as_moe"`` / ``"hb_moe"``):
+      - action vectors of every embodiment are padded to ``action_dim`` (HiMoE's ``max_action_dim``); the per-sample
+        action-space descriptor ``action_mask`` (B, action_dim) (HiMoE's ``data_mask``) says which dimensions an
+        embodiment uses; the flow-matching loss ignores the others, sampled chunks are zero there;
+      - AS-MoE (``"as_moe"``): :class:`moezoo.core.MoELayer` with the ``"condition"`` router on ``action_mask`` (every
+        token of a sample gets the same experts), ``as_num_experts`` SwiGLU experts top-``as_num_experts_per_tok``,
+        top-1 weight = the raw softmax probability (official: renormalised only when k > 1), aux loss = HiMoE's
+        InfoNCE mutual-information loss x ``as_aux_loss_alpha`` (training only);
+      - HB-MoE (``"hb_moe"``): token-level softmax top-``hb_num_experts_per_tok`` of ``hb_num_experts`` (renormalised,
+        eps 1e-20) + ``hb_num_shared_experts`` shared expert(s) added unweighted; aux loss = DeepSeek's sequence-level
+        balance loss (``hb_seq_aux``; else the token-level one) x ``hb_aux_loss_alpha``;
+      - official placement (:func:`himoe_layer_types`), widths and coefficients are the defaults (AS: 3 experts top-1
+        of width 4x hidden, alpha 0.002; HB: 32 experts top-4 of width = hidden + 1 shared, alpha 0.001);
+      - ``embodiments``: ``{name: {"action_indices": [...], "state_dim": n}}``: where an embodiment's actions sit in the
+        padded vector (its ``action_mask``) and its own state width (padded with zeros to ``state_dim``); raw
+        observations name their ``embodiment`` and are normalised with that embodiment's statistics;
+      - ``state_with_action_mask``: the state token reads ``[padded state, action_mask]`` (official layout).
+      ``"topk_moe"`` layers are a plain token-level top-k MoE (``num_experts`` / ``num_experts_per_tok`` /
+      ``moe_intermediate_size``, ``router_aux_loss_coef`` Switch balance), the comparison's baseline.
+
     Args (besides the MoE fields of :class:`moezoo.MoezooConfig`, which describe the action expert's MoE FFNs):
         vision_model_name, vision_model_kwargs, vision_pretrained: ``timm.create_model(name, pretrained, num_classes=0,
             **kwargs)`` (pretrained weights are only fetched when ``vision_pretrained=True``).
@@ -52,8 +90,14 @@ class MoezooVlaConfig(MoezooConfig):
             ``x_t = (1 - (1 - σ_min) t) x_0 + t x_1`` (x_0 noise, x_1 actions, t: 0 -> 1);
             time_beta_alpha / time_beta_beta / time_max: training times ``t = (time_max - z) / time_max``,
             ``z ~ Beta(alpha, beta)`` (π0's emphasis on noisy times).
-        mlp_layer_types: FFN kind per action-expert layer (``"dense"`` / ``"skill_moe"``); default: the last
-            ``num_moe_layers`` layers are ``"skill_moe"``.
+        mlp_layer_types: FFN kind per action-expert layer (one of :data:`MLP_LAYER_TYPES`); default by
+            ``action_moe_layout``: ``"drivemoe"``: the last ``num_moe_layers`` layers are ``"skill_moe"``; ``"himoe"``:
+            :func:`himoe_layer_types`.
+        as_num_experts, as_num_experts_per_tok, as_moe_intermediate_size (None = 4 x hidden_size), as_aux_loss_alpha,
+            as_norm_topk_prob, as_mi_temperature: AS-MoE; hb_num_experts, hb_num_experts_per_tok,
+            hb_moe_intermediate_size (None = hidden_size), hb_num_shared_experts, hb_aux_loss_alpha, hb_seq_aux,
+            hb_norm_topk_prob: HB-MoE; himoe_hidden_act: their experts' activation (SwiGLU with silu).
+        embodiments, state_with_action_mask: see above.
         normalization_mapping: ``{"state": mode, "action": mode}``, mode in ``mean_std`` / ``min_max`` / ``identity``;
             the statistics are buffers saved with the model (:meth:`MoezooVlaPolicy.set_normalization_stats`).
         waypoint_dim: size of the route / target-point input of the camera router.
@@ -100,6 +144,24 @@ class MoezooVlaConfig(MoezooConfig):
     router_z_loss_coef: float = 0.0
     action_router_loss_coef: float = 0.0
     router_focal_gamma: float = 0.0
+    # HiMoE-VLA (AS-MoE / HB-MoE; official ASMoEConfig / HBMoEConfig values)
+    action_moe_layout: str = "drivemoe"
+    as_num_experts: int = 3
+    as_num_experts_per_tok: int = 1
+    as_moe_intermediate_size: int | None = None
+    as_aux_loss_alpha: float = 0.002
+    as_norm_topk_prob: bool = True
+    as_mi_temperature: float = 0.1
+    hb_num_experts: int = 32
+    hb_num_experts_per_tok: int = 4
+    hb_moe_intermediate_size: int | None = None
+    hb_num_shared_experts: int = 1
+    hb_aux_loss_alpha: float = 0.001
+    hb_seq_aux: bool = True
+    hb_norm_topk_prob: bool = True
+    himoe_hidden_act: str = "silu"
+    embodiments: dict | None = None
+    state_with_action_mask: bool = False
     # camera (scene) router
     use_camera_router: bool = False
     context_cameras: list[str] | None = None
@@ -145,6 +207,10 @@ class MoezooVlaConfig(MoezooConfig):
         if not 0 <= self.flow_sig_min < 1:
             raise ValueError(f"flow_sig_min must be in [0, 1), got {self.flow_sig_min!r}")
         n_layers = int(self.text_config.get("num_hidden_layers", 0) or 0)
+        if self.action_moe_layout not in MOE_LAYOUTS:
+            raise ValueError(f"action_moe_layout must be one of {MOE_LAYOUTS}, got {self.action_moe_layout!r}")
+        if self.mlp_layer_types is None and self.action_moe_layout == "himoe":
+            self.mlp_layer_types = himoe_layer_types(n_layers)
         if self.mlp_layer_types is None:
             if not isinstance(self.num_moe_layers, int) or self.num_moe_layers < 0:
                 raise ValueError(f"num_moe_layers must be a non-negative int, got {self.num_moe_layers!r}")
@@ -161,6 +227,7 @@ class MoezooVlaConfig(MoezooConfig):
             raise ValueError(f"skill_moe layers must be consecutive and not start at layer 0 (the router reads the "
                              f"layer before them), got {types!r}")
         self.mlp_layer_types, self.num_moe_layers = types, len(moe)
+        self._check_himoe()
         mapping = {"state": "mean_std", "action": "mean_std"}
         mapping.update(self.normalization_mapping or {})
         if set(mapping) != {"state", "action"} or any(m not in NORM_MODES for m in mapping.values()):
@@ -183,10 +250,66 @@ class MoezooVlaConfig(MoezooConfig):
                                  "views (otherwise there is nothing to choose)")
         super().__post_init__(**kwargs)
 
+    def _check_himoe(self) -> None:
+        H = self.hidden_size
+        if self.as_moe_intermediate_size is None:
+            self.as_moe_intermediate_size = 4 * H
+        if self.hb_moe_intermediate_size is None:
+            self.hb_moe_intermediate_size = H
+        for name in ("as_num_experts", "as_num_experts_per_tok", "as_moe_intermediate_size", "hb_num_experts",
+                     "hb_num_experts_per_tok", "hb_moe_intermediate_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not isinstance(self.hb_num_shared_experts, int) or self.hb_num_shared_experts < 0:
+            raise ValueError(f"hb_num_shared_experts must be a non-negative int, got {self.hb_num_shared_experts!r}")
+        for pre in ("as", "hb"):
+            E, k = getattr(self, f"{pre}_num_experts"), getattr(self, f"{pre}_num_experts_per_tok")
+            if k > E:
+                raise ValueError(f"{pre}_num_experts_per_tok={k} must be <= {pre}_num_experts={E}")
+            if getattr(self, f"{pre}_aux_loss_alpha") < 0:
+                raise ValueError(f"{pre}_aux_loss_alpha must be >= 0")
+        if self.as_mi_temperature <= 0:
+            raise ValueError(f"as_mi_temperature must be > 0, got {self.as_mi_temperature!r}")
+        emb = self.embodiments
+        if emb is None:
+            return
+        if not isinstance(emb, dict) or not emb:
+            raise ValueError(f"embodiments must be a non-empty dict {{name: {{'action_indices': [...], 'state_dim': n}}}}"
+                             f", got {emb!r}")
+        out = {}
+        for name, spec in emb.items():
+            if not isinstance(spec, dict) or "action_indices" not in spec:
+                raise ValueError(f"embodiments[{name!r}] must be a dict with 'action_indices' (where its actions sit "
+                                 f"in the padded action vector of width action_dim={self.action_dim}), got {spec!r}")
+            idx = [int(i) for i in spec["action_indices"]]
+            if not idx or len(set(idx)) != len(idx) or min(idx) < 0 or max(idx) >= self.action_dim:
+                raise ValueError(f"embodiments[{name!r}]['action_indices']={idx} must be distinct indices in "
+                                 f"[0, action_dim={self.action_dim})")
+            sd = int(spec.get("state_dim", self.state_dim))
+            if not 0 < sd <= self.state_dim:
+                raise ValueError(f"embodiments[{name!r}]['state_dim']={sd} must be in [1, state_dim={self.state_dim}]"
+                                 " (states are padded with zeros to state_dim)")
+            out[str(name)] = {**spec, "action_indices": idx, "state_dim": sd}
+        self.embodiments = out
+
+    def action_mask_of(self, embodiment: str) -> list[bool]:
+        """The action-space descriptor (HiMoE ``data_mask``) of a named embodiment: True where it has actions."""
+        emb = self.embodiments or {}
+        if embodiment not in emb:
+            raise ValueError(f"unknown embodiment {embodiment!r}; the config knows {sorted(emb)} (config.embodiments)")
+        keep = set(emb[embodiment]["action_indices"])
+        return [i in keep for i in range(self.action_dim)]
+
+    @property
+    def himoe_layers(self) -> bool:
+        """Whether the action expert has AS-MoE or HB-MoE layers (the action-space descriptor is read)."""
+        return any(t in ("as_moe", "hb_moe") for t in self.mlp_layer_types)
+
     @property
     def candidate_cameras(self) -> list[str]:
         """Views the camera router chooses from (all views but the context ones)."""
         return [c for c in self.camera_names if c not in self.context_cameras]
 
 
-__all__ = ["MoezooVlaConfig", "NORM_MODES", "MLP_LAYER_TYPES", "TINY_TEXT_CONFIG", "TINY_VISION_KWARGS"]
+__all__ = ["MoezooVlaConfig", "NORM_MODES", "MLP_LAYER_TYPES", "MOE_LAYOUTS", "himoe_layer_types", "TINY_TEXT_CONFIG", "TINY_VISION_KWARGS"]

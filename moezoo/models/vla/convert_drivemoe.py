@@ -10,6 +10,9 @@ Mapped (official ``mr-d-self-driving/DriveMoE``, ``src/model/DriveMoE``):
   they receive the first layer's logits);
 - ``camera_router.*`` (``Router``) -> ``camera_router.*`` (same names, :class:`moezoo.core.CameraRouter`).
 
+``moezoo convert drivemoe SRC DST [--option model=<registry name>] [--option tiny=true] [--option config={...}]``
+writes a ``save_pretrained`` folder with the mapped tensors and ``unmapped_keys.json``.
+
 The per-layer tensor layout is the one the block parity reference ``drivemoe_action_moe`` checks
 (:func:`action_moe_layer`); this module only renames. The PaliGemma VLM, the Gemma action
 expert's attention / adaptive norms and the action encoders of the official model differ from this π0 base and are
@@ -17,11 +20,14 @@ returned as unmapped keys.
 """
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import torch
 
 from ...checkpoints import count_experts
+from ...convert import register_converter
 from ...core import MoELayer, build_moe_layer
 
 OFFICIAL_MOE = "joint_model.mixtures.action.layers.{i}.mlp."
@@ -112,4 +118,26 @@ def convert_drivemoe_state_dict(state_dict: dict, config) -> tuple[dict, list[st
     return out, sorted(k for k in state_dict if k not in used)
 
 
-__all__ = ["convert_drivemoe_state_dict", "official_moe_layers"]
+@register_converter("drivemoe")
+def convert_drivemoe(src, dst, *, model: str = "drivemoe_s_e6k1", tiny: bool = False, config: dict | None = None,
+                     allow_pickle: bool = False) -> Path:
+    """``moezoo convert drivemoe SRC DST``: official weights (a safetensors file or folder) -> a ``save_pretrained``
+    folder of the registry model ``model`` (``tiny`` / ``config`` overrides) with the action-MoE, action-router and
+    camera-router tensors mapped."""
+    import moezoo
+
+    from .convert_himoe import load_official_state
+
+    state = load_official_state(Path(src), allow_pickle)
+    policy = moezoo.create_model(model, tiny=bool(tiny), **(config or {}))
+    mapped, unmapped = convert_drivemoe_state_dict(state, policy.config)
+    _, unexpected = policy.load_state_dict(mapped, strict=False)
+    if unexpected:
+        raise ValueError(f"converted keys {unexpected[:4]} are not in {model}")
+    dst = Path(dst)
+    policy.save_pretrained(dst)
+    (dst / "unmapped_keys.json").write_text(json.dumps({"mapped": len(mapped), "unmapped": unmapped}, indent=1))
+    return dst
+
+
+__all__ = ["convert_drivemoe_state_dict", "official_moe_layers", "convert_drivemoe"]

@@ -15,6 +15,22 @@ Format (one folder)::
         action                       (T, 2) float32 in [-1, 1] (acceleration / 5 m/s², steering / (π/4))
         skill_label                  (T,) int64, index into meta["skills"]
         camera_label                 (T,) int64, index into the candidate cameras (meta["cameras"][1:])
+
+Heterogeneous robots (HiMoE-VLA, :mod:`moezoo.models.vla.robots`) use the same format with one embodiment per
+episode::
+
+    meta.json            {..., "cameras": ["front"], "embodiments": {name: {"task", "state_dim", "action_dim"}},
+                          "episodes": [{..., "embodiment": name, "scenario": task, "metrics": {"success",
+                                        "final_distance"}}, ...]}
+    stats.json           {"embodiments": {name: {"observation.state": {...}, "action": {...}}}}  (each over the
+                          embodiment's own dimensions; ``policy.set_normalization_stats`` takes it as is)
+    episode_<i>.safetensors
+        observation.images.front     (T, 3, S, S) uint8
+        observation.state            (T, state_dim of the embodiment) float32
+        action                       (T, action_dim of the embodiment) float32 (joint torques)
+
+:class:`moezoo.models.vla.robots.RobotEpisodeDataset` pads state / actions to the policy's widths (actions at the
+embodiment's ``action_indices``) and adds ``action_mask`` and ``embodiment``.
 """
 from __future__ import annotations
 

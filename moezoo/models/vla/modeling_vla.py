@@ -1,4 +1,4 @@
-"""π0-style vision-language-action policy on the shared MoE backbone (Drive-π0 / DriveMoE).
+"""π0-style vision-language-action policy on the shared MoE backbone (Drive-π0 / DriveMoE / HiMoE-VLA).
 
 Layout (see :class:`MoezooVlaConfig`)::
 
@@ -27,7 +27,7 @@ from transformers.utils import ModelOutput
 
 from ...core import CameraRouter, MoELayer, build_moe_layer
 from ...core.experts import SharedExpert
-from ...core.losses import router_supervision_loss
+from ...core.losses import router_supervision_loss, sequence_balance_loss, switch_balance_loss
 from ...modeling_layers import RMSNorm, apply_rope, eager_attention
 from ...modeling_utils import MoezooPreTrainedModel
 from .configuration_vla import MoezooVlaConfig
@@ -37,6 +37,8 @@ STATE_KEY = "observation.state"
 WAYPOINT_KEY = "observation.waypoint"
 ACTION_KEY = "action"
 TASK_KEY = "task"
+EMBODIMENT_KEY = "embodiment"
+ACTION_MASK_KEY = "action_mask"
 BYTE_OFFSET = 3  # byte-level fallback tokenizer: 0 = pad, 1 = bos, 2 = eos, byte b -> b + 3
 
 
@@ -51,6 +53,9 @@ class MoezooVlaOutput(ModelOutput):
     ``prediction``: the velocity field (B, H, action_dim) when ``actions`` are given (training), else the sampled action
     chunk in normalised units. ``loss`` = flow-matching loss (+ ``aux_loss`` when labels are given); ``aux_loss``:
     balance / router losses + weighted camera and skill supervision; ``router_logits``: one (T, E) tensor per MoE layer.
+    HiMoE: ``as_loss`` (AS-MoE mutual-information loss, weighted, summed over AS layers) and ``hb_loss`` (HB-MoE
+    sequence balance loss, weighted), both inside ``aux_loss``; ``expert_selection``: ``{layer index: (B, k) experts of
+    each sample's first token}`` for the AS-MoE layers and per-sample expert counts (B, E) for HB / top-k layers.
     """
 
     loss: torch.FloatTensor | None = None
@@ -64,6 +69,9 @@ class MoezooVlaOutput(ModelOutput):
     camera_selection: torch.LongTensor | None = None
     skill_logits: torch.FloatTensor | None = None
     skill_selection: torch.LongTensor | None = None
+    as_loss: torch.FloatTensor | None = None
+    hb_loss: torch.FloatTensor | None = None
+    expert_selection: dict | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -125,6 +133,86 @@ class Normalizer(nn.Module):
         if self.mode == "mean_std":
             return x * (self.std + self.eps) + self.mean
         return (x + 1) / 2 * (self.max - self.min + self.eps) + self.min
+
+
+class EmbodimentNormalizer(nn.Module):
+    """Per-embodiment statistics of one padded feature: buffers (num_embodiments, dim), NaN until set; the dimensions
+    an embodiment does not use are left as they are (mean 0, std 1 / min -1, max 1)."""
+
+    def __init__(self, name: str, names: list[str], dim: int, mode: str, eps: float = 1e-8):
+        super().__init__()
+        self.name, self.names, self.mode, self.eps = name, list(names), mode, eps
+        for stat in ("mean", "std", "min", "max"):
+            self.register_buffer(stat, torch.full((len(names), dim), float("nan")))
+
+    @property
+    def needs_stats(self) -> bool:
+        return self.mode != "identity"
+
+    def index(self, embodiment: str) -> int:
+        if embodiment not in self.names:
+            raise ValueError(f"unknown embodiment {embodiment!r}; the policy knows {self.names} (config.embodiments)")
+        return self.names.index(embodiment)
+
+    def has_stats(self, embodiment: str) -> bool:
+        if not self.needs_stats:
+            return True
+        i = self.index(embodiment)
+        keys = ("mean", "std") if self.mode == "mean_std" else ("min", "max")
+        return all(bool(torch.isfinite(getattr(self, k)[i]).all()) for k in keys)
+
+    def set(self, embodiment: str, stats: dict, used: list[int]) -> None:
+        """``stats`` over the embodiment's own dims (len(used) values) or the padded width."""
+        i, dim = self.index(embodiment), self.mean.shape[1]
+        fill = {"mean": 0.0, "std": 1.0, "min": -1.0, "max": 1.0}
+        for stat in ("mean", "std", "min", "max"):
+            if stats.get(stat) is None:
+                continue
+            v = torch.as_tensor(stats[stat], dtype=torch.float32).reshape(-1)
+            row = torch.full((dim,), fill[stat])
+            if v.shape[0] == len(used):
+                row[torch.tensor(used)] = v
+            elif v.shape[0] == dim:
+                row = v
+            else:
+                raise ValueError(f"statistics {self.name}.{stat} of embodiment {embodiment!r} have {v.shape[0]} values, "
+                                 f"expected {len(used)} (its own dims) or {dim} (padded)")
+            getattr(self, stat)[i].copy_(row)
+        if not self.has_stats(embodiment):
+            need = "mean and std" if self.mode == "mean_std" else "min and max"
+            raise ValueError(f"statistics for {self.name!r} of embodiment {embodiment!r} need {need} (normalisation "
+                             f"mode {self.mode!r}), got keys {sorted(stats)}")
+
+    def _rows(self, embodiments: list[str]) -> list[int]:
+        rows = [self.index(e) for e in embodiments]
+        missing = sorted({e for e in embodiments if not self.has_stats(e)})
+        if missing:
+            raise MissingStatisticsError(
+                f"dataset statistics for {self.name!r} of embodiment(s) {missing} are missing, so their raw values "
+                f"cannot be normalised: call policy.set_normalization_stats({{'embodiments': {{{missing[0]!r}: "
+                f"{{{self.name!r}: {{'mean': ..., 'std': ...}}, ...}}}}}}) (e.g. from moezoo.models.vla.robots."
+                "compute_embodiment_stats) or set normalization_mapping to 'identity'")
+        return rows
+
+    def normalize(self, x: torch.Tensor, embodiments: list[str]) -> torch.Tensor:
+        if not self.needs_stats:
+            return x
+        r = torch.tensor(self._rows(embodiments), device=x.device)
+        shape = (-1,) + (1,) * (x.dim() - 2) + (x.shape[-1],)
+        if self.mode == "mean_std":
+            return (x - self.mean[r].view(shape)) / (self.std[r].view(shape) + self.eps)
+        lo, hi = self.min[r].view(shape), self.max[r].view(shape)
+        return 2 * (x - lo) / (hi - lo + self.eps) - 1
+
+    def unnormalize(self, x: torch.Tensor, embodiments: list[str]) -> torch.Tensor:
+        if not self.needs_stats:
+            return x
+        r = torch.tensor(self._rows(embodiments), device=x.device)
+        shape = (-1,) + (1,) * (x.dim() - 2) + (x.shape[-1],)
+        if self.mode == "mean_std":
+            return x * (self.std[r].view(shape) + self.eps) + self.mean[r].view(shape)
+        lo, hi = self.min[r].view(shape), self.max[r].view(shape)
+        return (x + 1) / 2 * (hi - lo + self.eps) + lo
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -189,11 +277,13 @@ class ActionExpertLayer(nn.Module):
             if not owner:
                 rk.update(use_linear=False, learnable_temperature=False)
             self.mlp = build_moe_layer(config, router_type="pooled", router_kwargs=rk)
+        elif self.mlp_type in ("as_moe", "hb_moe", "topk_moe"):
+            self.mlp = build_moe_layer(config, **himoe_layer_kwargs(config, self.mlp_type))
         else:
             self.mlp = SharedExpert(H, config.intermediate_size, config.hidden_act)
 
     def forward(self, hidden_states, prefix_kv, cos, sin, mask, router_signals: dict | None = None,
-                capture_router_input: bool = False):
+                capture_router_input: bool = False, action_mask: torch.Tensor | None = None):
         B, S, _ = hidden_states.shape
         h = self.input_layernorm(hidden_states)
         q = self.q_proj(h).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
@@ -207,11 +297,52 @@ class ActionExpertLayer(nn.Module):
         hidden_states = hidden_states + self.o_proj(attn.reshape(B, S, -1))
         h = self.post_attention_layernorm(hidden_states)
         router_out = None
-        if isinstance(self.mlp, MoELayer):
+        if self.mlp_type == "as_moe":
+            y, router_out = self.mlp(h, condition=action_mask)
+        elif self.mlp_type in ("hb_moe", "topk_moe"):
+            y, router_out = self.mlp(h)
+        elif isinstance(self.mlp, MoELayer):
             y, router_out = self.mlp(h, **(router_signals or {}))
         else:
             y = self.mlp(h)
+        if router_out is not None:
+            router_out.extras["batch_size"] = B
+            router_out.extras["mlp_type"] = self.mlp_type
+            router_out.extras["layer_idx"] = self.layer_idx
         return hidden_states + y, router_out, (h if capture_router_input else None)
+
+
+def himoe_layer_kwargs(config: MoezooVlaConfig, kind: str) -> dict:
+    """:func:`moezoo.core.build_moe_layer` arguments of an ``"as_moe"`` / ``"hb_moe"`` / ``"topk_moe"`` action-expert
+    FFN: the same core pieces the block parity reference ``himoe_vla_blocks`` checks (condition router + mutual
+    information loss; softmax top-k renormalised with eps 1e-20 + shared expert)."""
+    H = config.hidden_size
+    common = dict(hidden_size=H, capacity_factor=None, shared_expert_gate=False, expert_input_scale=1.0,
+                  num_null_experts=0, num_zero_experts=0, num_copy_experts=0, num_constant_experts=0,
+                  unconditional_expert=False, gated_experts=True, expert_bias=False)
+    if kind == "as_moe":
+        k = config.as_num_experts_per_tok
+        norm = bool(config.as_norm_topk_prob) and k > 1  # official: renormalise only when top_k > 1
+        return dict(common, num_experts=config.as_num_experts, num_experts_per_tok=k,
+                    moe_intermediate_size=config.as_moe_intermediate_size, hidden_act=config.himoe_hidden_act,
+                    router_type="condition", norm_topk_prob=norm, num_shared_experts=0,
+                    router_kwargs=dict(condition_dim=config.action_dim, scoring_func="softmax", norm_topk_prob=norm,
+                                       renorm_eps=1e-20, mi_loss_coef=float(config.as_aux_loss_alpha),
+                                       mi_temperature=float(config.as_mi_temperature)))
+    if kind == "hb_moe":
+        k = config.hb_num_experts_per_tok
+        norm = bool(config.hb_norm_topk_prob) and k > 1
+        return dict(common, num_experts=config.hb_num_experts, num_experts_per_tok=k,
+                    moe_intermediate_size=config.hb_moe_intermediate_size, hidden_act=config.himoe_hidden_act,
+                    router_type="topk", norm_topk_prob=norm, num_shared_experts=config.hb_num_shared_experts,
+                    shared_intermediate_size=config.hb_moe_intermediate_size,
+                    router_kwargs=dict(scoring_func="softmax", norm_topk_prob=norm, renorm_eps=1e-20))
+    if kind == "topk_moe":
+        return dict(common, num_experts=config.num_experts, num_experts_per_tok=config.num_experts_per_tok,
+                    moe_intermediate_size=config.moe_intermediate_size, hidden_act=config.himoe_hidden_act,
+                    router_type="topk", norm_topk_prob=True, num_shared_experts=0,
+                    router_kwargs=dict(scoring_func="softmax", norm_topk_prob=True))
+    raise ValueError(f"not a HiMoE / top-k FFN kind: {kind!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -271,7 +402,7 @@ class MoezooVlaPolicy(MoezooVlaPreTrainedModel):
             self.camera_router = CameraRouter(self.lm_hidden, len(config.candidate_cameras), heads,
                                               waypoint_dim=config.waypoint_dim)
         H = config.hidden_size
-        self.state_proj = nn.Linear(config.state_dim, H)
+        self.state_proj = nn.Linear(config.state_dim + (config.action_dim if config.state_with_action_mask else 0), H)
         self.action_in_proj = nn.Linear(config.action_dim, H)
         self.action_time_mlp_in = nn.Linear(2 * H, H)
         self.action_time_mlp_out = nn.Linear(H, H)
@@ -282,6 +413,12 @@ class MoezooVlaPolicy(MoezooVlaPreTrainedModel):
         self.action_out_proj = nn.Linear(H, config.action_dim)
         self.normalize_state = Normalizer(STATE_KEY, config.state_dim, config.normalization_mapping["state"])
         self.normalize_action = Normalizer(ACTION_KEY, config.action_dim, config.normalization_mapping["action"])
+        self.embodiment_names = sorted(config.embodiments or {})
+        if self.embodiment_names:
+            self.embodiment_state = EmbodimentNormalizer(STATE_KEY, self.embodiment_names, config.state_dim,
+                                                         config.normalization_mapping["state"])
+            self.embodiment_action = EmbodimentNormalizer(ACTION_KEY, self.embodiment_names, config.action_dim,
+                                                          config.normalization_mapping["action"])
         moe = [i for i, t in enumerate(config.mlp_layer_types) if t == "skill_moe"]
         self.moe_start_layer = moe[0] - 1 if moe else None  # the layer whose FFN input feeds the action router
         self.tokenizer = None
@@ -396,10 +533,12 @@ class MoezooVlaPolicy(MoezooVlaPreTrainedModel):
         emb = torch.cat([freqs, freqs], -1)
         return emb.cos(), emb.sin()
 
-    def run_expert(self, prefix_kv, prefix_mask, prefix_len, state, x_t, t):
+    def run_expert(self, prefix_kv, prefix_mask, prefix_len, state, x_t, t, action_mask=None):
         """Suffix [state, actions] through the action expert -> velocity (B, H, action_dim), router outputs."""
         cfg = self.config
         B, Hn = x_t.shape[:2]
+        if cfg.state_with_action_mask:
+            state = torch.cat([state, action_mask.to(state.dtype)], -1)
         st = self.state_proj(state.to(self.state_proj.weight.dtype))[:, None]
         a = self.action_in_proj(x_t.to(self.action_in_proj.weight.dtype))
         te = sinusoidal_time_embedding(t, cfg.hidden_size).to(a.dtype)[:, None].expand(-1, Hn, -1)
@@ -415,12 +554,13 @@ class MoezooVlaPolicy(MoezooVlaPreTrainedModel):
                           suffix[None, None].expand(B, 1, S, S)], dim=-1)
         router_outs, signals, skill_logits = [], None, None
         for i, layer in enumerate(self.action_expert["layers"]):
-            h, ro, rin = layer(h, prefix_kv[i], cos, sin, mask, signals, capture_router_input=i == self.moe_start_layer)
+            h, ro, rin = layer(h, prefix_kv[i], cos, sin, mask, signals, capture_router_input=i == self.moe_start_layer,
+                               action_mask=action_mask)
             if rin is not None:
                 signals = {"router_hidden_states": rin[:, 1:]}  # the action tokens (official: action mixture)
             if ro is not None:
                 router_outs.append(ro)
-                if skill_logits is None:
+                if skill_logits is None and layer.mlp_type == "skill_moe":
                     skill_logits = ro.extras["sample_logits"]
                     signals = {"router_logits": skill_logits}
         v = self.action_out_proj(self.action_expert["norm"](h[:, 1:]))
@@ -432,6 +572,28 @@ class MoezooVlaPolicy(MoezooVlaPreTrainedModel):
         b = torch._standard_gamma(torch.full((batch_size,), cfg.time_beta_beta, device=device), generator=generator)
         z = a / (a + b)
         return ((cfg.time_max - z) / cfg.time_max).clamp(0.0, 1.0)
+
+    def _check_action_mask(self, action_mask, batch_size: int, device) -> torch.Tensor | None:
+        """The per-sample action-space descriptor (B, action_dim) bool; all ones when not given."""
+        cfg = self.config
+        if action_mask is None:
+            if not cfg.himoe_layers and not cfg.state_with_action_mask:
+                return None
+            return torch.ones(batch_size, cfg.action_dim, dtype=torch.bool, device=device)
+        if not torch.is_tensor(action_mask):
+            action_mask = torch.as_tensor(action_mask)
+        if action_mask.dim() == 1:
+            action_mask = action_mask[None].expand(batch_size, -1)
+        if action_mask.dim() != 2 or action_mask.shape[-1] != cfg.action_dim or action_mask.shape[0] != batch_size:
+            raise ValueError(f"action_mask (the action-space descriptor) has shape {tuple(action_mask.shape)}, expected "
+                             f"(batch={batch_size}, action_dim={cfg.action_dim}): one flag per dimension of the padded "
+                             "action vector, True where the embodiment has an action")
+        if action_mask.is_floating_point() and not bool(((action_mask == 0) | (action_mask == 1)).all()):
+            raise ValueError("action_mask must be 0/1 (or bool): which dimensions of the padded action vector are used")
+        m = action_mask.bool().to(device)
+        if not bool(m.any(-1).all()):
+            raise ValueError("action_mask has a sample with no action dimension (every row needs at least one True)")
+        return m
 
     def _check_state_actions(self, state, actions=None):
         cfg = self.config
@@ -449,9 +611,11 @@ class MoezooVlaPolicy(MoezooVlaPreTrainedModel):
                 camera_labels: torch.Tensor | None = None, skill_labels: torch.Tensor | None = None,
                 noise: torch.Tensor | None = None, time: torch.Tensor | None = None,
                 generator: torch.Generator | None = None, num_inference_steps: int | None = None,
-                **kwargs) -> MoezooVlaOutput:
+                action_mask: torch.Tensor | None = None, **kwargs) -> MoezooVlaOutput:
         """Model-space forward. With ``actions`` (normalised (B, H, action_dim)): flow-matching training loss
-        (``noise`` / ``time`` drawn unless given); without: a sampled normalised chunk in ``prediction``."""
+        (``noise`` / ``time`` drawn unless given); without: a sampled normalised chunk in ``prediction``.
+        ``action_mask`` (B, action_dim) bool: the action-space descriptor (HiMoE's ``data_mask``; AS-MoE routes on it,
+        the loss ignores the dimensions it leaves out, sampled chunks are 0 there); default all True."""
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)}")
         self._check_state_actions(state, actions)
@@ -460,26 +624,35 @@ class MoezooVlaPolicy(MoezooVlaPreTrainedModel):
                                                               camera_labels)
         kv, plen = self.run_prefix(embeds, mask)
         B, dev = state.shape[0], state.device
+        amask = self._check_action_mask(action_mask, B, dev)
         if actions is None:
             chunk, router_outs, skill_logits = self._sample(kv, mask, plen, state, noise, generator,
-                                                            num_inference_steps)
+                                                            num_inference_steps, amask)
             return MoezooVlaOutput(prediction=chunk, router_logits=tuple(ro.logits for ro in router_outs) or None,
                                    camera_logits=cam_logits, camera_selection=cam_idx, skill_logits=skill_logits,
-                                   skill_selection=None if skill_logits is None else skill_logits.argmax(-1))
+                                   skill_selection=None if skill_logits is None else skill_logits.argmax(-1),
+                                   expert_selection=self.expert_selection(router_outs, B))
         x1 = actions.to(embeds.dtype)
+        if amask is not None:  # padded dimensions are zero whatever the batch holds there (official: zero padding)
+            x1 = x1 * amask.to(x1.dtype)[:, None, :]
         x0 = torch.randn(x1.shape, generator=generator, device=dev, dtype=x1.dtype) if noise is None else noise
         t = self.sample_time(B, dev, generator) if time is None else time.reshape(B).to(dev)
         tt = t.to(x1.dtype)[:, None, None]
         x_t = (1 - (1 - cfg.flow_sig_min) * tt) * x0 + tt * x1
-        v, router_outs, skill_logits = self.run_expert(kv, mask, plen, state, x_t, t)
+        v, router_outs, skill_logits = self.run_expert(kv, mask, plen, state, x_t, t, amask)
         target = x1 - (1 - cfg.flow_sig_min) * x0
         err = (v - target).pow(2)
+        keep = torch.ones_like(err)
         if action_is_pad is not None:
-            keep = (~action_is_pad.bool()).to(err.dtype)[..., None]
-            action_loss = (err * keep).sum() / (keep.sum() * err.shape[-1]).clamp_min(1.0)
-        else:
-            action_loss = err.mean()
+            if tuple(action_is_pad.shape) != (B, cfg.chunk_size):
+                raise ValueError(f"action_is_pad has shape {tuple(action_is_pad.shape)}, expected (batch={B}, "
+                                 f"chunk_size={cfg.chunk_size})")
+            keep = keep * (~action_is_pad.bool()).to(err.dtype)[..., None]
+        if amask is not None:
+            keep = keep * amask.to(err.dtype)[:, None, :]
+        action_loss = (err * keep).sum() / keep.sum().clamp_min(1.0)
         aux = self.compute_aux_loss(router_outs)
+        as_loss, hb_loss = self._himoe_losses(router_outs, B)
         camera_loss = skill_loss = None
         if camera_labels is not None and cam_logits is not None:
             camera_loss = router_supervision_loss(cam_logits, camera_labels, gamma=cfg.router_focal_gamma)
@@ -497,9 +670,69 @@ class MoezooVlaPolicy(MoezooVlaPreTrainedModel):
                                camera_loss=camera_loss, skill_loss=skill_loss,
                                router_logits=tuple(ro.logits for ro in router_outs) or None, camera_logits=cam_logits,
                                camera_selection=cam_idx, skill_logits=skill_logits,
-                               skill_selection=None if skill_logits is None else skill_logits.argmax(-1))
+                               skill_selection=None if skill_logits is None else skill_logits.argmax(-1),
+                               as_loss=as_loss, hb_loss=hb_loss, expert_selection=self.expert_selection(router_outs, B))
 
-    def _sample(self, kv, mask, plen, state, noise=None, generator=None, num_inference_steps=None):
+    # ------------------------------------------------------------------------------------------------ HiMoE losses
+    def _himoe_losses(self, router_outs, batch_size: int):
+        """(AS-MoE mutual-information loss, HB-MoE balance loss), each already weighted (None without such layers)."""
+        as_terms = [ro.aux_loss for ro in router_outs if ro.extras.get("mlp_type") == "as_moe" and ro.aux_loss is not None]
+        hb = [ro for ro in router_outs if ro.extras.get("mlp_type") == "hb_moe"]
+        as_loss = torch.stack([t.float() for t in as_terms]).sum() if as_terms else None
+        hb_loss = None
+        if hb and self.training and self.config.hb_aux_loss_alpha:
+            hb_loss = self._hb_balance(hb, batch_size) * self.config.hb_aux_loss_alpha
+        return as_loss, hb_loss
+
+    def _hb_balance(self, router_outs, batch_size: int) -> torch.Tensor:
+        if self.config.hb_seq_aux:  # DeepSeek's sequence-level loss, per layer, summed over layers
+            return sequence_balance_loss(router_outs, batch_size=batch_size)
+        # token-level (official seq_aux=False): Switch loss over slots, i.e. the "tokens" loss / k, per layer
+        return sum(switch_balance_loss(ro, normalize="slots") for ro in router_outs)
+
+    def aux_loss_terms(self, router_outputs) -> tuple:
+        """HB-MoE's sequence-level balance loss (AS-MoE's mutual-information loss comes with its router output)."""
+        hb = [ro for ro in router_outputs if ro.extras.get("mlp_type") == "hb_moe"]
+        if not hb or not self.training or not self.config.hb_aux_loss_alpha:
+            return ()
+        B = hb[0].extras.get("batch_size")
+        return (self._hb_balance(hb, B) * self.config.hb_aux_loss_alpha,)
+
+    def compute_aux_loss(self, router_outputs, attention_mask=None):
+        """Generic balance / z losses (``router_aux_loss_coef`` / ``router_z_loss_coef``) see only the skill and top-k
+        layers; AS-MoE and HB-MoE bring their own losses (mutual information, sequence balance)."""
+        ros = [ro for ro in router_outputs if ro is not None]
+        if not ros:
+            return None
+        plain = [ro for ro in ros if ro.extras.get("mlp_type") not in ("as_moe", "hb_moe")]
+        own = [ro.aux_loss for ro in ros if ro.extras.get("mlp_type") in ("as_moe", "hb_moe")]
+        total = super().compute_aux_loss(plain) if plain else None
+        if total is None:
+            total = ros[0].logits.new_zeros((), dtype=torch.float32)
+        for t in own:
+            if t is not None:
+                total = total + t.float()
+        for t in self.aux_loss_terms(ros):
+            total = total + t.float()
+        return total
+
+    @staticmethod
+    def expert_selection(router_outs, batch_size: int) -> dict | None:
+        """Per-sample expert use of the HiMoE / top-k layers: ``{"as_moe.<i>": (B, k) experts of each sample (all its
+        tokens share them), "hb_moe.<i>" / "topk_moe.<i>": (B, E) slot counts}``."""
+        out = {}
+        for ro in router_outs:
+            kind, i = ro.extras.get("mlp_type"), ro.extras.get("layer_idx")
+            if kind == "as_moe":
+                out[f"as_moe.{i}"] = ro.indices.reshape(batch_size, -1, ro.indices.shape[-1])[:, 0].detach()
+            elif kind in ("hb_moe", "topk_moe"):
+                idx = ro.indices.reshape(batch_size, -1).clamp(0, ro.num_experts)
+                cnt = torch.zeros(batch_size, ro.num_experts + 1, device=idx.device).scatter_add_(
+                    1, idx, torch.ones_like(idx, dtype=torch.float32))[:, : ro.num_experts]
+                out[f"{kind}.{i}"] = cnt
+        return out or None
+
+    def _sample(self, kv, mask, plen, state, noise=None, generator=None, num_inference_steps=None, action_mask=None):
         cfg = self.config
         B = state.shape[0]
         steps = int(num_inference_steps or cfg.num_inference_steps)
@@ -513,14 +746,36 @@ class MoezooVlaPolicy(MoezooVlaPreTrainedModel):
         router_outs, skill_logits = [], None
         for s in range(steps):
             t = torch.full((B,), s * dt, device=state.device)
-            v, router_outs, skill_logits = self.run_expert(kv, mask, plen, state, x, t)
+            v, router_outs, skill_logits = self.run_expert(kv, mask, plen, state, x, t, action_mask)
             x = x + dt * v
+        if action_mask is not None:
+            x = x * action_mask.to(x.dtype)[:, None, :]  # dimensions the embodiment does not have
         return x, router_outs, skill_logits
 
     # ------------------------------------------------------------------------------------------------ policy API
     def set_normalization_stats(self, stats: dict) -> None:
         """Store dataset statistics ``{"observation.state": {"mean", "std"[, "min", "max"]}, "action": {...}}``
-        (saved with the model)."""
+        (saved with the model). With ``config.embodiments``: ``{"embodiments": {name: {"observation.state": {...},
+        "action": {...}}}}``, each over the embodiment's own dims (or the padded widths)."""
+        if "embodiments" in stats:
+            if not self.embodiment_names:
+                raise ValueError("per-embodiment statistics given, but the config has no embodiments "
+                                 "(config.embodiments)")
+            for name, st in stats["embodiments"].items():
+                spec = self.config.embodiments.get(name)
+                if spec is None:
+                    raise ValueError(f"statistics for unknown embodiment {name!r}; the config knows "
+                                     f"{self.embodiment_names}")
+                for key, norm, used in ((STATE_KEY, self.embodiment_state, list(range(spec["state_dim"]))),
+                                        (ACTION_KEY, self.embodiment_action, spec["action_indices"])):
+                    if key in st:
+                        norm.set(name, st[key], used)
+                    elif norm.needs_stats:
+                        raise ValueError(f"statistics for {key!r} of embodiment {name!r} are missing from {sorted(st)}")
+            rest = {k: v for k, v in stats.items() if k != "embodiments"}
+            if not rest:
+                return
+            stats = rest
         for key, norm in ((STATE_KEY, self.normalize_state), (ACTION_KEY, self.normalize_action)):
             if key in stats:
                 norm.set(stats[key])
@@ -572,6 +827,13 @@ class MoezooVlaPolicy(MoezooVlaPreTrainedModel):
         state = torch.as_tensor(batch[STATE_KEY], dtype=torch.float32, device=dev)
         if state.dim() == 1:
             state = state[None]
+        embodiments = self._embodiments_of(batch, state.shape[0])
+        if embodiments is not None and state.dim() == 2 and state.shape[-1] < cfg.state_dim:
+            widths = {cfg.embodiments[e]["state_dim"] for e in embodiments}
+            if widths != {state.shape[-1]}:
+                raise ValueError(f"{STATE_KEY} has width {state.shape[-1]}, expected state_dim={cfg.state_dim} (padded) "
+                                 f"or the embodiment's own width {sorted(widths)}")
+            state = F.pad(state, (0, cfg.state_dim - state.shape[-1]))
         self._check_state_actions(state)
         B = state.shape[0]
         Hh, Ww = cfg.image_size
@@ -592,8 +854,23 @@ class MoezooVlaPolicy(MoezooVlaPreTrainedModel):
         if len(tasks) != B:
             raise ValueError(f"{TASK_KEY!r} has {len(tasks)} instructions, expected one per sample ({B})")
         ids, am = self.tokenize(tasks)
+        if embodiments is not None:
+            norm_state = self.embodiment_state.normalize(state, embodiments)
+            amask = torch.tensor([cfg.action_mask_of(e) for e in embodiments], device=dev)
+            if batch.get(ACTION_MASK_KEY) is not None and not torch.equal(
+                    self._check_action_mask(batch[ACTION_MASK_KEY], B, dev), amask):
+                raise ValueError(f"{ACTION_MASK_KEY!r} disagrees with the action_indices of the embodiments "
+                                 f"{sorted(set(embodiments))} in config.embodiments")
+        else:
+            norm_state = self.normalize_state.normalize(state)
+            amask = batch.get(ACTION_MASK_KEY)
         out = dict(pixel_values=torch.stack(imgs, 1), input_ids=ids.to(dev), attention_mask=am.to(dev),
-                   state=self.normalize_state.normalize(state))
+                   state=norm_state)
+        amask = self._check_action_mask(amask, B, dev)
+        if amask is not None:
+            out["action_mask"] = amask
+        if embodiments is not None:
+            out["_embodiments"] = embodiments
         if self.camera_router is not None:
             if WAYPOINT_KEY not in batch:
                 raise ValueError(f"observation is missing {WAYPOINT_KEY!r} (batch, waypoint_dim={cfg.waypoint_dim}); "
@@ -602,6 +879,33 @@ class MoezooVlaPolicy(MoezooVlaPreTrainedModel):
             out["waypoint"] = wp[None] if wp.dim() == 1 else wp
         return out
 
+    def _embodiments_of(self, batch: dict, batch_size: int) -> list[str] | None:
+        """The ``embodiment`` names of a raw batch (one per sample), or None for a policy without embodiments."""
+        if not self.embodiment_names:
+            if batch.get(EMBODIMENT_KEY) is not None:
+                raise ValueError(f"the batch names an {EMBODIMENT_KEY!r} but the config has no embodiments "
+                                 "(config.embodiments)")
+            return None
+        emb = batch.get(EMBODIMENT_KEY)
+        if emb is None:
+            raise ValueError(f"observation is missing {EMBODIMENT_KEY!r} (str or list of str, one of "
+                             f"{self.embodiment_names}): its statistics and action space depend on it")
+        if isinstance(emb, str):
+            emb = [emb] * batch_size
+        emb = list(emb)
+        if len(emb) != batch_size:
+            raise ValueError(f"{EMBODIMENT_KEY!r} has {len(emb)} names, expected one per sample ({batch_size})")
+        for e in set(emb):
+            self.embodiment_state.index(e)  # unknown names raise, naming the known ones
+        return emb
+
+    def embodiment_actions(self, chunk: torch.Tensor, embodiment: str) -> torch.Tensor:
+        """The embodiment's own action dimensions of a padded chunk (..., action_dim) -> (..., its width)."""
+        idx = self.config.embodiments[embodiment]["action_indices"] if self.embodiment_names else None
+        if idx is None:
+            raise ValueError(f"unknown embodiment {embodiment!r}; the policy knows {self.embodiment_names}")
+        return chunk[..., torch.tensor(idx, device=chunk.device)]
+
     def compute_loss(self, batch: dict, generator: torch.Generator | None = None) -> MoezooVlaOutput:
         """Training loss from a raw batch (adds ``action``, optional ``action_is_pad``, ``camera_label``,
         ``skill_label``)."""
@@ -609,10 +913,22 @@ class MoezooVlaPolicy(MoezooVlaPreTrainedModel):
             raise ValueError(f"the batch is missing {ACTION_KEY!r} (batch, chunk_size={self.config.chunk_size}, "
                              f"action_dim={self.config.action_dim})")
         inputs = self.prepare_inputs(batch)
+        embodiments = inputs.pop("_embodiments", None)
         dev = inputs["state"].device
         actions = torch.as_tensor(batch[ACTION_KEY], dtype=torch.float32, device=dev)
+        if embodiments is not None and actions.dim() == 3 and actions.shape[-1] < self.config.action_dim:
+            e = embodiments[0]
+            if len(set(embodiments)) != 1 or actions.shape[-1] != len(self.config.embodiments[e]["action_indices"]):
+                raise ValueError(f"{ACTION_KEY} has width {actions.shape[-1]}; give padded actions (action_dim="
+                                 f"{self.config.action_dim}) for a batch of several embodiments")
+            full = actions.new_zeros(*actions.shape[:2], self.config.action_dim)
+            full[..., torch.tensor(self.config.embodiments[e]["action_indices"], device=dev)] = actions
+            actions = full
         self._check_state_actions(inputs["state"], actions)
-        inputs["actions"] = self.normalize_action.normalize(actions)
+        if embodiments is not None:
+            inputs["actions"] = self.embodiment_action.normalize(actions, embodiments)
+        else:
+            inputs["actions"] = self.normalize_action.normalize(actions)
         for src, dst in (("action_is_pad", "action_is_pad"), ("camera_label", "camera_labels"),
                          ("skill_label", "skill_labels")):
             if batch.get(src) is not None:
@@ -624,8 +940,13 @@ class MoezooVlaPolicy(MoezooVlaPreTrainedModel):
                              num_inference_steps: int | None = None, return_output: bool = False):
         """A chunk of ``chunk_size`` actions (B, H, action_dim) in the dataset's units."""
         inputs = self.prepare_inputs(observation)
+        embodiments = inputs.pop("_embodiments", None)
         out = self(**inputs, generator=generator, num_inference_steps=num_inference_steps)
-        chunk = self.normalize_action.unnormalize(out.prediction)
+        if embodiments is not None:
+            chunk = self.embodiment_action.unnormalize(out.prediction, embodiments)
+            chunk = chunk * inputs["action_mask"].to(chunk.dtype)[:, None, :]
+        else:
+            chunk = self.normalize_action.unnormalize(out.prediction)
         return (chunk, out) if return_output else chunk
 
     @torch.no_grad()
@@ -654,6 +975,11 @@ class MoezooVlaPolicy(MoezooVlaPreTrainedModel):
                    state=torch.randn(batch_size, cfg.state_dim, generator=g))
         if self.camera_router is not None:
             out["waypoint"] = torch.randn(batch_size, cfg.waypoint_dim, generator=g)
+        if cfg.himoe_layers or cfg.state_with_action_mask:
+            # two action spaces: the first sample uses every dimension, the others the first half
+            am = torch.ones(batch_size, cfg.action_dim, dtype=torch.bool)
+            am[1:, (cfg.action_dim + 1) // 2:] = False
+            out["action_mask"] = am
         if labels:
             out["actions"] = torch.randn(batch_size, cfg.chunk_size, cfg.action_dim, generator=g)
             if self.camera_router is not None:
