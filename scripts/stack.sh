@@ -4,8 +4,10 @@
 
 # Debian packages with real data that the tests, harnesses and demos read. Where apt-get exists, a failed install
 # stops the set-up (set -e) instead of leaving tests to fail later for want of data.
-# (Fashion-MNIST for dit_moe; telephone speech with transcripts and music samples for audio_moe)
-MOEZOO_APT_PACKAGES=(dataset-fashion-mnist asterisk-core-sounds-en-wav sonic-pi-samples)
+# (Fashion-MNIST for dit_moe; telephone speech with transcripts and music samples for audio_moe; photographs for
+# deweather; EGL for headless MuJoCo rendering of the HiMoE-VLA robots)
+MOEZOO_APT_PACKAGES=(dataset-fashion-mnist asterisk-core-sounds-en-wav sonic-pi-samples
+                     mate-backgrounds lomiri-wallpapers-16.04 lomiri-wallpapers-20.04 libegl1 libegl-mesa0)
 
 install_apt_data() {
   command -v apt-get >/dev/null 2>&1 || { echo "[setup] no apt-get: Debian data packages not installed" >&2; return 0; }

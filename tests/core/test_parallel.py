@@ -191,7 +191,7 @@ def test_two_process_expert_parallel_matches_single_process(tmp_path):
     outputs = []
     try:
         for p in procs:
-            outputs.append(p.communicate(timeout=120)[0])
+            outputs.append(p.communicate(timeout=600)[0])
     finally:
         for p in procs:
             if p.poll() is None:

@@ -28,6 +28,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ...metrics.seeds import mean_std
+
 __all__ = ["S_PAIRS", "TINY_PAIRS", "count_parameters", "time_models", "efficiency_comparison", "load_model",
            "run_benchmark", "efficiency_table", "quality_table", "aggregate_seeds", "seeds_table"]
 
@@ -176,11 +178,6 @@ def quality_table(results: Mapping[str, Mapping]) -> str:
     return format_metrics_table(results)
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
 def aggregate_seeds(runs: list[Mapping]) -> dict:
     """Per-weather mean / std over seeds of :func:`evaluate_restoration` ``restored`` dicts (one per seed).
 
@@ -190,7 +187,7 @@ def aggregate_seeds(runs: list[Mapping]) -> dict:
         raise ValueError("aggregate_seeds needs at least one run")
     out = {}
     for w in runs[0]:
-        ps, ss = _mean_std([r[w]["psnr"] for r in runs]), _mean_std([r[w]["ssim"] for r in runs])
+        ps, ss = mean_std([r[w]["psnr"] for r in runs]), mean_std([r[w]["ssim"] for r in runs])
         out[w] = {"psnr": ps[0], "psnr_std": ps[1], "ssim": ss[0], "ssim_std": ss[1], "count": runs[0][w]["count"],
                   "seeds": len(runs)}
     return out
@@ -280,7 +277,7 @@ def run_benchmark(*, output_dir: str | os.PathLike, models: Mapping[str, str] | 
                 run["val"] = res["metrics"]["val"]["after"]["overall"]
             runs.append(run)
         model_dirs[label] = [r["model_dir"] for r in runs]
-        tt = _mean_std([r["train_time_s"] for r in runs])
+        tt = mean_std([r["train_time_s"] for r in runs])
         trained[label] = {**runs[0], "runs": runs, "seeds": [r["seed"] for r in runs],
                           "train_time_s": tt[0], "train_time_std_s": tt[1],
                           "loss": statistics.fmean(r["loss"] for r in runs)}

@@ -40,6 +40,7 @@ import torch
 
 from ...data.timeseries import (ForecastWindowDataset, TimeSeriesWindowDataset, infer_season_length, load_table,
                                 make_splits)
+from ...metrics.seeds import format_mean_std, mean_std
 from .baselines import DLinear, dlinear_loss, seasonal_naive
 from .recipe import build_model, evaluate_forecaster, time_moe_predictor, train_model
 
@@ -447,10 +448,9 @@ def aggregate_seeds(per_seed: list[list[dict]]) -> list[dict]:
                "train_seconds": round(float(np.mean([r["train_seconds"] for r in rs])), 1),
                "eval_seconds": round(float(np.mean([r["eval_seconds"] for r in rs])), 1)}
         for key in ("mse", "mae"):
-            v = np.array([r[key] for r in rs], dtype=np.float64)
-            agg[key] = float(v.mean())
-            agg[f"{key}_std"] = float(v.std(ddof=1)) if len(v) > 1 else 0.0
-            agg[f"{key}_per_seed"] = v.tolist()
+            vals = [float(r[key]) for r in rs]
+            agg[key], agg[f"{key}_std"] = mean_std(vals)
+            agg[f"{key}_per_seed"] = vals
         out.append(agg)
     return out
 
@@ -465,12 +465,15 @@ def markdown_table_seeds(rows: list[dict], title: str = "") -> str:
     lines += ["| model | init | params | horizon | context | MSE | MAE | seeds | test windows | train steps | train s |",
               "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: r["horizon"]):
-        mse = f"{r['mse']:.4f} ± {r['mse_std']:.4f}"
+        mse = format_mean_std([r["mse"]] if r["seeds"] == 1 else {"mean": r["mse"], "std": r["mse_std"], "n": r["seeds"],
+                                                                   "values": r["mse_per_seed"]}, 4)
+        mae = format_mean_std([r["mae"]] if r["seeds"] == 1 else {"mean": r["mae"], "std": r["mae_std"], "n": r["seeds"],
+                                                                   "values": r["mae_per_seed"]}, 4)
         if r["mse"] == best.get(r["horizon"]):
             mse = f"**{mse}**"
         init = r["init"].split(" (")[0]
         lines.append(f"| {r['model']} | {init} | {_fmt_params(r['params'])} | {r['horizon']} | {r['context']} | {mse} "
-                     f"| {r['mae']:.4f} ± {r['mae_std']:.4f} | {r['seeds']} | {r['windows']} | {r['train_steps']} "
+                     f"| {mae} | {r['seeds']} | {r['windows']} | {r['train_steps']} "
                      f"| {r['train_seconds']} |")
     return "\n".join(lines) + "\n"
 
