@@ -29,7 +29,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from ...cache_compat import cache_kwargs, causal_mask, output_cache, resolve_cache
 from ...core import MoELayer, RouterOutput, build_moe_layer
 from ...core.losses import CoefficientSchedule, unimoe_audio_balance_loss
-from ...modeling_layers import RMSNorm, apply_rope, eager_attention
+from ...modeling_layers import RMSNorm, RotaryEmbedding, apply_rope, eager_attention
 from ...modeling_utils import MoezooPreTrainedModel
 from .configuration_audio_moe import MoezooAudioMoeConfig
 
@@ -171,23 +171,6 @@ def undo_delay(config: MoezooAudioMoeConfig, frames: torch.Tensor) -> list[torch
 
 
 # ---------------------------------------------------------------------------------------------------------- modules
-class MoezooAudioMoeRotaryEmbedding(nn.Module):
-    """1-D RoPE tables (rotate-half, ``inv_freq = theta^(-2i/d)``)."""
-
-    def __init__(self, config: MoezooAudioMoeConfig):
-        super().__init__()
-        self.head_dim, self.theta = config.head_dim, float(config.rope_theta)
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
-        # computed per call (no non-persistent buffer: from_pretrained's meta-device init would leave it unset)
-        d = self.head_dim
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.float, device=x.device) / d))
-        freqs = position_ids[..., None].float() * inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-
-
 class MoezooAudioMoeAttention(nn.Module):
     """Grouped-query RoPE attention (q/k/v with bias when ``attention_bias``, o_proj without), any attention backend."""
 
@@ -287,7 +270,7 @@ class MoezooAudioMoeModel(MoezooAudioMoePreTrainedModel):
                                                 for _ in range(config.num_codebooks))
         self.layers = nn.ModuleList(MoezooAudioMoeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = MoezooAudioMoeRotaryEmbedding(config)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, float(config.rope_theta))
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -344,7 +327,7 @@ class MoezooAudioMoeModel(MoezooAudioMoePreTrainedModel):
         token_mask = attention_mask[:, -T:] if attention_mask is not None else None
         mask = causal_mask(cfg, inputs_embeds, attention_mask, cache, position_ids)
         h = inputs_embeds
-        pe = self.rotary_emb(h, position_ids)
+        pe = self.rotary_emb(position_ids, h.dtype)
         hidden = (h,) if output_hidden_states else None
         attns = () if output_attentions else None
         router_outputs, residual = [], None

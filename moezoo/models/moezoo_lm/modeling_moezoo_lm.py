@@ -23,7 +23,7 @@ from ...core.experts import SharedExpert
 from ...cache_compat import cache_kwargs, causal_mask, output_cache, resolve_cache
 from ...core import RouterOutput, build_moe_layer
 from ...modeling_utils import MoezooPreTrainedModel
-from ...modeling_layers import RMSNorm as MoezooLMRMSNorm, apply_rope, eager_attention
+from ...modeling_layers import RMSNorm as MoezooLMRMSNorm, apply_rope, eager_attention, rope_inv_freq
 from .configuration_moezoo_lm import MoezooLMConfig
 
 
@@ -53,7 +53,10 @@ class MoezooLMCausalLMOutput(MoeCausalLMOutputWithPast):
 
 
 class MoezooLMRotaryEmbedding(nn.Module):
-    """RoPE cos/sin tables from ``config.rope_parameters`` (any rope type of ``transformers.modeling_rope_utils``)."""
+    """RoPE cos/sin from ``config.rope_parameters``: any rope type of ``transformers.modeling_rope_utils`` (scaled
+    variants need transformers' frequency and ``dynamic_rope_update`` machinery, which the plain
+    :class:`moezoo.modeling_layers.RotaryEmbedding` of the other families does not carry); the default frequencies are
+    the shared :func:`moezoo.modeling_layers.rope_inv_freq`."""
 
     def __init__(self, config: MoezooLMConfig):
         super().__init__()
@@ -68,10 +71,7 @@ class MoezooLMRotaryEmbedding(nn.Module):
 
     @staticmethod
     def compute_default_rope_parameters(config: MoezooLMConfig, device=None, seq_len=None, **_) -> tuple[torch.Tensor, float]:
-        base = config.rope_parameters["rope_theta"]
-        dim = config.head_dim
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
-        return inv_freq, 1.0
+        return rope_inv_freq(config.head_dim, float(config.rope_parameters["rope_theta"]), device), 1.0
 
     @torch.no_grad()
     @dynamic_rope_update
