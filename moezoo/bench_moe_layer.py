@@ -141,8 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backends", default="hf_eager,hf_grouped_mm",
                    help="transformers kernels to compare with (hf_eager, hf_grouped_mm; empty for none)")
     p.add_argument("--json", default=None, help="write all timings to this JSON file")
+    p.add_argument("--buffer-pool", choices=["on", "off"], default="on",
+                   help="the opt-in CPU buffer pool of the experts kernel (default on here: what a tuned CPU run uses)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    from moezoo.core import cpu_pool
+
+    cpu_pool.enable(args.buffer_pool == "on")
+    print(f"CPU buffer pool (moezoo.core.cpu_pool): {args.buffer_pool}")
     backends = [b for b in args.backends.split(",") if b]
     rows = []
     for T in (int(t) for t in args.tokens.split(",")):

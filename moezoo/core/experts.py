@@ -21,6 +21,9 @@ from torch import nn
 from transformers.activations import ACT2CLS, ACT2FN
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, use_experts_implementation
 
+# the opt-in CPU buffer pool: POOL.empty is plain torch.empty unless the user enabled it
+from .cpu_pool import POOL
+
 # moezoo's config name for tanh-approximated GELU (configs and converted checkpoints use it) -> transformers' name
 ACTIVATION_ALIASES = {"gelu_tanh": "gelu_pytorch_tanh"}
 
@@ -205,83 +208,6 @@ def _has_grouped_mm(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device) >= (8, 0)
     return device.type == "cpu"
-
-
-class BufferPool:
-    """Reuses the large CPU buffers of the experts kernel once nothing but the pool references them.
-
-    A buffer handed out is a view of a pooled flat tensor; it becomes free again when every view of it is gone
-    (storage use count back to the pool's own reference), e.g. after autograd released the saved tensors, or after
-    ``AccumulateGrad`` added a weight gradient into ``.grad``.  A gradient that autograd kept (as ``.grad``) or that a
-    caller still holds is never reused.  This avoids the page faults of fresh multi-hundred-MB allocations at every
-    step, which cost more than the elementwise arithmetic of the layer.  ``empty_cache()`` drops the free buffers.
-    """
-
-    min_bytes = 1 << 20
-
-    def __init__(self, max_free_bytes: int = 4 << 30):
-        import threading
-
-        self._bufs: list[torch.Tensor] = []
-        self._lock = threading.Lock()
-        self.max_free_bytes = max_free_bytes
-        self._enabled = True
-
-    @staticmethod
-    def _in_use(buf: torch.Tensor) -> bool:
-        # the temporary storage object made by untyped_storage() holds one reference, the pool another
-        return torch._C._storage_Use_Count(buf.untyped_storage()._cdata) > 2
-
-    def disabled(self):
-        """Context manager: plain allocations inside (the compiled path's outputs leave the kernel)."""
-        import contextlib
-
-        @contextlib.contextmanager
-        def _off():
-            prev, self._enabled = self._enabled, False
-            try:
-                yield
-            finally:
-                self._enabled = prev
-
-        return _off()
-
-    def empty(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        numel = math.prod(shape)
-        if not self._enabled or device.type != "cpu" or numel * torch.finfo(dtype).bits // 8 < self.min_bytes:
-            return torch.empty(shape, dtype=dtype, device=device)
-        with self._lock:
-            best = None
-            for buf in self._bufs:
-                if buf.dtype == dtype and numel <= buf.numel() <= numel + numel // 4 and not self._in_use(buf):
-                    if best is None or buf.numel() < best.numel():
-                        best = buf
-            if best is None:
-                best = torch.empty(numel + numel // 8, dtype=dtype, device=device)
-                self._bufs.append(best)
-                self._trim()
-            return best[:numel].view(shape)
-
-    def _trim(self) -> None:
-        free = [b for b in self._bufs if not self._in_use(b)]
-        total = sum(b.numel() * b.element_size() for b in free)
-        for b in sorted(free, key=lambda t: t.numel()):
-            if total <= self.max_free_bytes:
-                break
-            self._bufs.remove(b)
-            total -= b.numel() * b.element_size()
-
-    def empty_cache(self) -> None:
-        with self._lock:
-            self._bufs = [b for b in self._bufs if self._in_use(b)]
-
-
-POOL = BufferPool()
-
-
-def empty_cache() -> None:
-    """Release the CPU buffers the experts kernel keeps for reuse."""
-    POOL.empty_cache()
 
 
 def _loop_mm(a: torch.Tensor, b: torch.Tensor, counts: list[int]) -> torch.Tensor:

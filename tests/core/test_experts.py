@@ -64,9 +64,11 @@ def test_bad_sizes():
 
 
 def test_buffer_pool_never_hands_out_a_referenced_buffer():
-    from moezoo.core.experts import BufferPool
+    from moezoo.core.cpu_pool import BufferPool
 
     pool = BufferPool()
+    assert pool.empty((512, 1024), torch.float32, torch.device("cpu")).data_ptr() != 0 and not pool._bufs  # off
+    pool.enable()
     a = pool.empty((512, 1024), torch.float32, torch.device("cpu"))
     b = pool.empty((512, 1024), torch.float32, torch.device("cpu"))
     assert a.data_ptr() != b.data_ptr()
@@ -84,7 +86,17 @@ def _big_layer():
     return build_moe_layer(hidden_size=64, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256)
 
 
-def test_pool_is_safe_under_retain_graph_and_repeated_calls():
+@pytest.fixture
+def cpu_pool_on():
+    from moezoo.core import cpu_pool
+
+    was = cpu_pool.enabled()
+    cpu_pool.enable()
+    yield
+    cpu_pool.enable(was)
+
+
+def test_pool_is_safe_under_retain_graph_and_repeated_calls(cpu_pool_on):
     layer = _big_layer()
     x1, x2 = torch.randn(2048, 64), torch.randn(2048, 64)
 
