@@ -49,14 +49,18 @@ def _array(m):
 
 def heatmap_panels(path: str | os.PathLike, panels: Mapping[str, object] | Sequence, *, title: str | None = None,
                    xlabel: str = "expert", ylabel: str = "layer", row_labels: Sequence | None = None,
+                   x_labels: Sequence | None = None,
                    cmap: str = "viridis", vmin: float | None = None, vmax: float | None = None,
                    shared_scale: bool = True, colorbar_label: str | None = None,
-                   y_extent: tuple[float, float] | None = None) -> str:
+                   y_extent: tuple[float, float] | None = None, annotate: bool | Sequence = False,
+                   annotate_fmt: str = "{:.2f}") -> str:
     """Write one PNG with the (rows, experts) matrices of ``panels`` side by side.
 
     ``panels``: ``{panel title: matrix}`` (a tensor or array; NaN cells are left blank) or a plain sequence of
     matrices. ``shared_scale`` puts every panel on one colour scale (``vmin``/``vmax`` override it). ``y_extent``
     ``(low, high)`` maps the rows onto a continuous axis (e.g. timestep bins onto [0, 1]) instead of row labels.
+    ``annotate``: ``True`` writes each cell's value in it (``annotate_fmt``), or one matrix per panel of the values to
+    write (e.g. raw counts over a normalised colour).
     """
     import numpy as np
 
@@ -64,6 +68,13 @@ def heatmap_panels(path: str | os.PathLike, panels: Mapping[str, object] | Seque
     if not items:
         raise ValueError("heatmap_panels needs at least one matrix")
     mats = [(name, _array(m)) for name, m in items]
+    notes = None
+    if annotate is True:
+        notes = [m for _, m in mats]
+    elif annotate is not False:
+        notes = [_array(a) for a in annotate]
+        if len(notes) != len(mats) or any(a.shape != m.shape for a, (_, m) in zip(notes, mats)):
+            raise ValueError("annotate must hold one matrix per panel, each of its panel's shape")
     if shared_scale:
         finite = np.concatenate([m[np.isfinite(m)] for _, m in mats]) if mats else np.zeros(1)
         lo = float(finite.min()) if finite.size else 0.0
@@ -79,14 +90,23 @@ def heatmap_panels(path: str | os.PathLike, panels: Mapping[str, object] | Seque
         kw = dict(origin="lower", extent=(-0.5, m.shape[1] - 0.5, *y_extent)) if y_extent else {}
         im = ax.imshow(m, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest", **kw)
         ax.set_xlabel(xlabel)
-        if m.shape[1] <= 32:
+        if m.shape[1] <= 32 and x_labels is None:
             ax.set_xticks(range(m.shape[1]))
+        elif x_labels is not None:
+            ax.set_xticks(range(m.shape[1]), [str(x) for x in x_labels], rotation=30 if len(x_labels) > 8 or
+                          max(len(str(x)) for x in x_labels) > 3 else 0)
         if i == 0:
             ax.set_ylabel(ylabel)
         if y_extent is None:
             ax.set_yticks(range(m.shape[0]))
             labels = row_labels if row_labels is not None else range(m.shape[0])
             ax.set_yticklabels([str(r) for r in labels] if i == 0 else [""] * m.shape[0])
+        if notes is not None:
+            for r in range(m.shape[0]):
+                for c in range(m.shape[1]):
+                    if np.isfinite(notes[i][r, c]):
+                        ax.text(c, r, annotate_fmt.format(notes[i][r, c]), ha="center", va="center", color="w",
+                                fontsize=6)
         if name:
             ax.set_title(str(name), fontsize=9)
         if not shared_scale:

@@ -39,3 +39,13 @@ def test_line_plot_and_grid(tmp_path):
     _png(image_grid_panels(tmp_path / "g.png", [[torch.rand(4, 4) for _ in range(3)] for _ in range(2)]))
     with pytest.raises(ValueError, match="non-empty"):
         image_grid_panels(tmp_path / "g.png", [])
+
+
+def test_heatmap_annotations_and_labels(tmp_path):
+    counts = torch.tensor([[3.0, 1.0], [0.0, 4.0]])
+    share = counts / counts.sum(1, keepdim=True)
+    _png(heatmap_panels(tmp_path / "a.png", [share], annotate=[counts], annotate_fmt="{:.0f}",
+                        row_labels=["reacher", "pusher"], x_labels=["e0", "e1"]))
+    _png(heatmap_panels(tmp_path / "b.png", {"AS layer 0": share}, annotate=True, vmin=0.0, vmax=1.0))
+    with pytest.raises(ValueError, match="one matrix per panel"):
+        heatmap_panels(tmp_path / "c.png", [share], annotate=[counts, counts])

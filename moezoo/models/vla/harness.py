@@ -128,11 +128,6 @@ def table(rows: dict, scenarios) -> str:
 
 def heatmaps(results: dict, scenarios, out_dir: str | Path, num_experts: int, cameras) -> list[str]:
     """camera selection (candidate view x scenario) and action expert by skill label, from DriveMoE runs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from .driving import SKILLS
 
     out, files = Path(out_dir), []
@@ -145,22 +140,16 @@ def heatmaps(results: dict, scenarios, out_dir: str | Path, num_experts: int, ca
                 cam[c, j] += 1
             for e, s in zip(r[sc]["expert_selection"], r[sc]["skill_labels"]):
                 exp[s, e] += 1
-    for name, mat, ylab, xlab in (("camera_selection_heatmap.png", cam, cameras, scenarios),
-                                  ("expert_by_skill_heatmap.png", exp, SKILLS, [f"e{i}" for i in range(num_experts)])):
-        fig, ax = plt.subplots(figsize=(1 + 0.9 * len(xlab), 1 + 0.45 * len(ylab)))
+    from ...plots import heatmap_panels
+
+    for name, mat, ylab, xlab, xname, yname in (
+            ("camera_selection_heatmap.png", cam, cameras, scenarios, "scenario", "camera"),
+            ("expert_by_skill_heatmap.png", exp, SKILLS, [f"e{i}" for i in range(num_experts)], "expert", "skill")):
         norm = mat / np.maximum(mat.sum(0, keepdims=True), 1) if "camera" in name else \
             mat / np.maximum(mat.sum(1, keepdims=True), 1)
-        ax.imshow(norm, cmap="viridis", vmin=0, vmax=1)
-        ax.set_xticks(range(len(xlab)), xlab, rotation=30)
-        ax.set_yticks(range(len(ylab)), ylab)
-        for i in range(mat.shape[0]):
-            for j in range(mat.shape[1]):
-                ax.text(j, i, int(mat[i, j]), ha="center", va="center", color="w", fontsize=7)
-        ax.set_title(name.replace("_heatmap.png", "").replace("_", " "))
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=100)
-        plt.close(fig)
-        files.append(str(out / name))
+        files.append(heatmap_panels(out / name, [norm], vmin=0.0, vmax=1.0, annotate=[mat], annotate_fmt="{:.0f}",
+                                    row_labels=list(ylab), x_labels=list(xlab), xlabel=xname, ylabel=yname,
+                                    title=name.replace("_heatmap.png", "").replace("_", " ")))
     return files
 
 

@@ -135,37 +135,22 @@ def expert_use_heatmap(rows: dict, out_path: str | Path, title: str = "") -> str
 
     ``rows``: ``{embodiment: {"expert_use": {"as_moe.0": [counts], ...}}}`` (from :func:`evaluate_robots`; several
     runs can be summed first)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from ...plots import heatmap_panels
     from .robots import EMBODIMENTS
 
     embs = list(rows)
     layers = sorted({k for r in rows.values() for k in r.get("expert_use", {})}, key=lambda k: int(k.split(".")[1]))
     if not layers:
         raise ValueError("no MoE expert use recorded (a dense policy has no experts to draw)")
-    fig, axes = plt.subplots(1, len(layers), figsize=(2.2 * len(layers) + 1, 1.2 + 0.5 * len(embs)), squeeze=False)
-    for ax, k in zip(axes[0], layers):
+    panels = {}
+    for k in layers:
         mat = np.array([rows[e]["expert_use"].get(k, []) for e in embs], dtype=float)
-        norm = mat / np.maximum(mat.sum(1, keepdims=True), 1)
-        ax.imshow(norm, cmap="viridis", vmin=0, vmax=1, aspect="auto")
-        ax.set_xticks(range(mat.shape[1]), [str(i) for i in range(mat.shape[1])], fontsize=6)
-        ax.set_yticks(range(len(embs)), [f"{e}/{EMBODIMENTS[e].task}" if e in EMBODIMENTS else e for e in embs],
-                      fontsize=7)
         kind, i = k.split(".")
-        ax.set_title(f"{'AS' if kind == 'as_moe' else 'HB' if kind == 'hb_moe' else 'top-k'} layer {i}", fontsize=8)
-        for a in range(mat.shape[0]):
-            for b in range(mat.shape[1]):
-                ax.text(b, a, f"{norm[a, b]:.2f}", ha="center", va="center", color="w", fontsize=5)
-    fig.suptitle(title or "expert use by embodiment / task", fontsize=9)
-    fig.tight_layout()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return str(out_path)
+        name = "AS" if kind == "as_moe" else "HB" if kind == "hb_moe" else "top-k"
+        panels[f"{name} layer {i}"] = mat / np.maximum(mat.sum(1, keepdims=True), 1)
+    return heatmap_panels(out_path, panels, title=title or "expert use by embodiment / task", vmin=0.0, vmax=1.0,
+                          ylabel="embodiment / task", annotate=True,
+                          row_labels=[f"{e}/{EMBODIMENTS[e].task}" if e in EMBODIMENTS else e for e in embs])
 
 
 def robot_table(rows: dict, embodiments) -> str:
