@@ -127,36 +127,13 @@ def time_moe_moezoo_alone(args):
 # ---------------------------------------------------------------------------------------------------------- DiT-MoE / ProMoE / MoFME (moezoo alone)
 
 
-def image_tasks(model, args, kind: str):
-    B = args.batch
-    g = torch.Generator().manual_seed(args.seed)
-    if kind == "deweather":
-        ex = model.example_inputs(batch_size=B, generator=g)
-        train_inputs, eval_inputs = ex, {k: v for k, v in ex.items() if k not in ("labels", "target")}
-
-        def train():
-            model.train()
-            try:
-                model(**train_inputs).loss.backward()
-            finally:
-                model.zero_grad(set_to_none=True)
-                model.eval()
-
-        def evaluate():
-            with torch.no_grad():
-                model(**eval_inputs)
-
-        return {"train": train, "eval": evaluate}
-    ex = model.example_inputs(batch_size=B, generator=g)
-    eval_inputs = {k: v for k, v in ex.items() if k != "target"}
-    cfg_inputs = {"sample": torch.cat([ex["sample"]] * 2), "timestep": torch.cat([ex["timestep"]] * 2),
-                  "class_labels": torch.cat([ex["class_labels"],
-                                             torch.full_like(ex["class_labels"], model.config.null_class_id)])}
+def _train_and_eval(model, train_inputs: dict, eval_inputs: dict) -> dict:
+    """``train``: one forward + backward of the loss (gradients dropped); ``eval``: one no-grad forward."""
 
     def train():
         model.train()
         try:
-            model(**ex).loss.backward()
+            model(**train_inputs).loss.backward()
         finally:
             model.zero_grad(set_to_none=True)
             model.eval()
@@ -165,11 +142,28 @@ def image_tasks(model, args, kind: str):
         with torch.no_grad():
             model(**eval_inputs)
 
+    return {"train": train, "eval": evaluate}
+
+
+def image_tasks(model, args, kind: str):
+    B = args.batch
+    g = torch.Generator().manual_seed(args.seed)
+    if kind == "deweather":
+        ex = model.example_inputs(batch_size=B, generator=g)
+        return _train_and_eval(model, ex, {k: v for k, v in ex.items() if k not in ("labels", "target")})
+    ex = model.example_inputs(batch_size=B, generator=g)
+    eval_inputs = {k: v for k, v in ex.items() if k != "target"}
+    cfg_inputs = {"sample": torch.cat([ex["sample"]] * 2), "timestep": torch.cat([ex["timestep"]] * 2),
+                  "class_labels": torch.cat([ex["class_labels"],
+                                             torch.full_like(ex["class_labels"], model.config.null_class_id)])}
+
+    tasks = _train_and_eval(model, ex, eval_inputs)
+
     def cfg_forward():
         with torch.no_grad():
             model(**cfg_inputs)
 
-    return {"train": train, "eval": evaluate, "cfg": cfg_forward}
+    return tasks | {"cfg": cfg_forward}
 
 
 FAMILIES = {

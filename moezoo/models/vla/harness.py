@@ -153,6 +153,20 @@ def heatmaps(results: dict, scenarios, out_dir: str | Path, num_experts: int, ca
     return files
 
 
+def prepare_benchmark(variants, known, eval_seeds, demo_seeds, output_dir, data_dir) -> tuple[Path, Path]:
+    """Checks shared by the driving and robot benchmarks (known variants, held-out seeds disjoint from the
+    demonstration seeds); makes ``output_dir`` and returns it with the demonstrations folder."""
+    unknown = [v for v in variants if v not in known]
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; expected {list(known)}")
+    overlap = set(eval_seeds) & set(demo_seeds)
+    if overlap:
+        raise ValueError(f"eval seeds {sorted(overlap)} are also demonstration seeds; held-out seeds must differ")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out, Path(data_dir or out / "data")
+
+
 def run_benchmark(*, output_dir: str | Path, model: str = "drivemoe_tiny_e6k1", tiny: bool = True,
                   variants=("drive_pi0", "drivemoe", "camera_moe", "action_moe"), train_seeds=(0, 1, 2),
                   steps: int = 150, batch_size: int = 8, data_dir: str | Path | None = None,
@@ -164,15 +178,7 @@ def run_benchmark(*, output_dir: str | Path, model: str = "drivemoe_tiny_e6k1", 
 
     for sc in scenarios:
         check_scenario(sc)
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise ValueError(f"unknown variants {unknown}; expected {sorted(VARIANTS)}")
-    overlap = set(eval_seeds) & set(demo_seeds)
-    if overlap:
-        raise ValueError(f"eval seeds {sorted(overlap)} are also demonstration seeds; held-out seeds must differ")
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    data_dir = Path(data_dir or out / "data")
+    out, data_dir = prepare_benchmark(variants, sorted(VARIANTS), eval_seeds, demo_seeds, output_dir, data_dir)
     results, params = {}, {}
     t_start = time.time()
     for v in variants:

@@ -177,20 +177,13 @@ def run_robot_benchmark(*, output_dir: str | Path, model: str = "himoe_vla_tiny_
                         baselines: bool = True, printer: Callable = print) -> dict:
     """Collect demonstrations, train every variant per training seed, evaluate closed-loop on held-out seeds; write
     ``results.md`` / ``results.json``, GIFs under ``videos/`` and ``expert_use_<variant>.png`` heatmaps."""
+    from .harness import prepare_benchmark
     from .recipe import ROBOT_VARIANTS, train_robots
     from .robots import check_embodiment
 
     for e in embodiments:
         check_embodiment(e)
-    unknown = [v for v in variants if v not in ROBOT_VARIANTS]
-    if unknown:
-        raise ValueError(f"unknown variants {unknown}; expected {list(ROBOT_VARIANTS)}")
-    overlap = set(eval_seeds) & set(demo_seeds)
-    if overlap:
-        raise ValueError(f"eval seeds {sorted(overlap)} are also demonstration seeds; held-out seeds must differ")
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    data_dir = Path(data_dir or out / "data")
+    out, data_dir = prepare_benchmark(variants, list(ROBOT_VARIANTS), eval_seeds, demo_seeds, output_dir, data_dir)
     results, params, files, timing = {}, {}, [], {}
     t_start = time.time()
     for v in variants:
