@@ -71,11 +71,12 @@ def load_state_dict(path: str | Path, *, allow_pickle: bool = False) -> dict[str
     return _read_file(path, allow_pickle)
 
 
-def load_official_checkpoint(src: str | Path, *, allow_pickle: bool = False,
-                             config: dict | str | Path | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+def load_official_checkpoint(src: str | Path, *, allow_pickle: bool = False, config: dict | str | Path | None = None,
+                             require_config: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
     """(official config dict, official state dict) of a folder (``config.json`` + weights) or a weights file.
 
-    ``config``: a dict or a JSON path overriding the ``config.json`` found next to the weights (``{}`` if none).
+    ``config``: a dict or a JSON path overriding the ``config.json`` found next to the weights (``{}`` if none, or a
+    ``ValueError`` with ``require_config=True``: converters that build the model from the official config need one).
     """
     src = Path(src)
     if not src.exists():
@@ -85,7 +86,17 @@ def load_official_checkpoint(src: str | Path, *, allow_pickle: bool = False,
     folder = src if src.is_dir() else src.parent
     if config is None and (folder / "config.json").is_file():
         config = json.loads((folder / "config.json").read_text())
+    if config is None and require_config:
+        raise ValueError(f"no config.json next to {str(src)!r}; pass config= (CLI: --config PATH)")
     return dict(config or {}), load_state_dict(src, allow_pickle=allow_pickle)
+
+
+def float_dtype(name: str | torch.dtype) -> torch.dtype:
+    """The floating torch dtype named ``name`` (``"float32"``, ``"torch.bfloat16"``, ...), for converters' ``dtype``."""
+    dtype = name if isinstance(name, torch.dtype) else getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype name (float32, bfloat16, float16), got {name!r}")
+    return dtype
 
 
 def count_experts(state_dict: dict, prefix: str, leaf: str, *, what: str = "experts",
@@ -102,4 +113,4 @@ def count_experts(state_dict: dict, prefix: str, leaf: str, *, what: str = "expe
     return n
 
 
-__all__ = ["load_state_dict", "load_official_checkpoint", "count_experts", "NOT_WEIGHTS", "STATE_DICT_KEYS"]
+__all__ = ["load_state_dict", "load_official_checkpoint", "float_dtype", "count_experts", "NOT_WEIGHTS", "STATE_DICT_KEYS"]

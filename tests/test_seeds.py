@@ -35,3 +35,20 @@ def test_bad_input_and_argument():
     p = argparse.ArgumentParser()
     add_seeds_argument(p)
     assert p.parse_args([]).seeds == [0] and p.parse_args(["--seeds", "0", "1", "2"]).seeds == [0, 1, 2]
+
+
+def test_runs_table_rows_cells_and_errors():
+    from moezoo.metrics.seeds import runs_table
+
+    runs = [{"a": {"x": 1.0, "y": 2.0}, "b": {"x": 3.0, "y": 4.0}}, {"a": {"x": 3.0, "y": 2.0}, "b": {"x": 5.0, "y": 4.0}}]
+    md = runs_table({"m1": runs, "m2": runs[:1]}, ["a", "b"], ["x", "y"], group_header="task",
+                    group_label=str.upper, digits=2)
+    lines = md.strip().splitlines()
+    assert lines[0] == "| method | task | x | y |"
+    assert lines[2] == "| m1 | A | 2.00 ± 1.41 | 2.00 ± 0.00 |"  # sample std (ddof=1), as everywhere else
+    assert lines[5] == "| m2 | B | 3.00 | 4.00 |"  # one run: no ± part
+    assert len(lines) == 2 + 4
+    with pytest.raises(ValueError, match="no runs"):
+        runs_table({"m": []}, ["a"], ["x"])
+    with pytest.raises(ValueError, match="metric"):
+        runs_table({"m": runs}, ["a"], [])

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
-__all__ = ["mean_std", "summarize_runs", "format_mean_std", "is_summary", "add_seeds_argument"]
+__all__ = ["mean_std", "summarize_runs", "format_mean_std", "is_summary", "add_seeds_argument", "runs_table"]
 
 
 def _is_number(v) -> bool:
@@ -72,6 +72,25 @@ def format_mean_std(value, digits: int = 3, sep: str = " ± ") -> str:
         return format_mean_std({"mean": mean_std(value)[0], "std": mean_std(value)[1], "n": len(value),
                                 "values": list(value)}, digits, sep)
     return "-" if value is None else str(value)
+
+
+def runs_table(rows: Mapping[str, Sequence[Mapping]], groups: Sequence[str], metrics: Sequence[str], *,
+               group_header: str = "group", group_label: Callable[[str], str] | None = None, digits: int = 3) -> str:
+    """A markdown table with one row per (method, group) and one column per metric, each cell mean ± std over runs.
+
+    ``rows[method]`` holds one result dict per run (seed), in which ``run[group][metric]`` is a number.
+    ``group_label`` names a group in the table (default: the group itself)."""
+    if not metrics:
+        raise ValueError("runs_table needs at least one metric")
+    label = group_label or str
+    lines = [f"| method | {group_header} | " + " | ".join(metrics) + " |", "|" + "---|" * (len(metrics) + 2)]
+    for method, runs in rows.items():
+        if not runs:
+            raise ValueError(f"runs_table: method {method!r} has no runs")
+        for g in groups:
+            cells = [format_mean_std([r[g][k] for r in runs], digits) for k in metrics]
+            lines.append(f"| {method} | {label(g)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def add_seeds_argument(parser, default: Sequence[int] = (0,), help: str | None = None) -> None:

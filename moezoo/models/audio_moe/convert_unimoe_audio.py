@@ -16,13 +16,12 @@ labels as the released code does).
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
-from ...checkpoints import count_experts, load_state_dict
+from ...checkpoints import count_experts, float_dtype, load_official_checkpoint
 from ...convert import register_converter
 from .configuration_audio_moe import MoezooAudioMoeConfig
 from .modeling_audio_moe import MoezooAudioMoeForCausalLM
@@ -181,28 +180,9 @@ def build_model(official: dict, state_dict: dict, *, aux_loss_counter: str = "tr
 def convert_unimoe_audio(src, dst, *, config=None, allow_pickle: bool = False, aux_loss_counter: str = "train",
                          dtype: str = "float32") -> Path:
     """Convert an official UniMoE-Audio folder ``src`` (config.json + weights) into a moezoo folder ``dst``."""
-    src, dst = Path(src), Path(dst)
-    if not src.exists():
-        raise ValueError(f"SRC {str(src)!r} does not exist (expected a folder with config.json + weights)")
-    if config is None:
-        cfg_path = (src if src.is_dir() else src.parent) / "config.json"
-        if not cfg_path.is_file():
-            raise ValueError(f"no config.json next to {str(src)!r}; pass config= (CLI: --config PATH)")
-        official = json.loads(cfg_path.read_text())
-    else:
-        official = config if isinstance(config, dict) else json.loads(Path(config).read_text())
-    torch_dtype = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating torch dtype name (float32, bfloat16, float16), got {dtype!r}")
-    if src.is_dir():
-        files = [f for f in sorted(src.glob("*.safetensors")) if f.name != "io.safetensors"]
-        state = {}
-        for f in files:
-            state.update(load_state_dict(f))
-        if not files:
-            state = load_state_dict(src, allow_pickle=allow_pickle)
-    else:
-        state = load_state_dict(src, allow_pickle=allow_pickle)
+    dst = Path(dst)
+    official, state = load_official_checkpoint(src, allow_pickle=allow_pickle, config=config, require_config=True)
+    torch_dtype = float_dtype(dtype)
     model = build_model(official, state, aux_loss_counter=aux_loss_counter, dtype=torch_dtype)
     model.config.architectures = ["MoezooAudioMoeForCausalLM"]
     dst.mkdir(parents=True, exist_ok=True)

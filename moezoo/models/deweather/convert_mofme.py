@@ -21,13 +21,12 @@ was trained with) and ``router_type="topk"`` with KeepTopK-softmax; ``top_k=0`` 
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
-from ...checkpoints import load_state_dict
+from ...checkpoints import load_official_checkpoint, load_state_dict
 from ...convert import register_converter
 from .configuration_deweather import MoezooDeweatherConfig
 
@@ -189,15 +188,8 @@ def load_official(config: dict, state_dict: dict, **overrides):
 @register_converter("mofme")
 def convert_mofme(src, dst, *, config=None, allow_pickle: bool = False, **overrides) -> Path:
     """Official MoWE/MoFME checkpoint (``src``: folder or weights file) -> ``save_pretrained`` folder ``dst``."""
-    src, dst = Path(src), Path(dst)
-    if config is None:
-        cfg_path = (src if src.is_dir() else src.parent) / "config.json"
-        if not cfg_path.is_file():
-            raise ValueError(f"no config.json next to {str(src)!r}; pass config= (CLI: --config PATH)")
-        config = json.loads(cfg_path.read_text())
-    elif not isinstance(config, dict):
-        config = json.loads(Path(config).read_text())
-    state = load_state_dict(src, allow_pickle=allow_pickle)
+    dst = Path(dst)
+    config, state = load_official_checkpoint(src, allow_pickle=allow_pickle, config=config, require_config=True)
     model = load_official({k: v for k, v in config.items() if not k.startswith("_")}, state, **overrides)
     model.save_pretrained(dst)
     return dst

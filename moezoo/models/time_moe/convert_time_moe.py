@@ -29,14 +29,13 @@ Converted configs keep the official quirks on: ``norm_topk_prob=False``, ``moe_i
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
 from ...convert import register_converter
-from ...checkpoints import count_experts, load_state_dict
+from ...checkpoints import count_experts, float_dtype, load_official_checkpoint
 from .configuration_time_moe import MoezooTimeMoeConfig
 
 # TimeMoeConfig defaults (time_moe/models/configuration_time_moe.py), used for keys a config.json omits
@@ -211,20 +210,10 @@ def convert_time_moe(src, dst, *, config=None, allow_pickle: bool = False, label
     ``label_padding`` (``"official"`` default, or ``"exclude"``), ``dtype`` of the saved weights (``float32`` default,
     ``bfloat16`` keeps the hub precision).
     """
-    src, dst = Path(src), Path(dst)
-    if config is None:
-        cfg_path = (src if src.is_dir() else src.parent) / "config.json"
-        if not cfg_path.is_file():
-            raise ValueError(f"no config.json next to {str(src)!r}; pass config= (CLI: --config PATH)")
-        official_config = json.loads(cfg_path.read_text())
-    elif isinstance(config, dict):
-        official_config = config
-    else:
-        official_config = json.loads(Path(config).read_text())
-    torch_dtype = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating torch dtype name (float32, bfloat16, float16), got {dtype!r}")
-    state = load_state_dict(src, allow_pickle=allow_pickle)
+    dst = Path(dst)
+    official_config, state = load_official_checkpoint(src, allow_pickle=allow_pickle, config=config,
+                                                      require_config=True)
+    torch_dtype = float_dtype(dtype)
     model = build_model(official_config, state, label_padding=label_padding, dtype=torch_dtype)
     model.config.architectures = ["MoezooTimeMoeForPrediction"]
     dst.mkdir(parents=True, exist_ok=True)
@@ -232,4 +221,4 @@ def convert_time_moe(src, dst, *, config=None, allow_pickle: bool = False, label
     return dst
 
 
-__all__ = ["config_from_official", "convert_state_dict", "build_model", "read_official_weights", "convert_time_moe"]
+__all__ = ["config_from_official", "convert_state_dict", "build_model", "convert_time_moe"]

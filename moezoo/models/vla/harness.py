@@ -18,6 +18,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ...metrics.seeds import runs_table
+
 
 def run_episode(policy, scenario: str, seed: int, *, record: bool = False, image_size: int | None = None,
                 mode: str = "policy") -> dict:
@@ -114,16 +116,7 @@ METRICS = ("success", "route_completion", "collision", "mean_speed", "driving_sc
 
 def table(rows: dict, scenarios) -> str:
     """Markdown table: one row per (method, scenario) with mean ± std over training seeds."""
-    head = "| method | scenario | " + " | ".join(METRICS) + " |\n|" + "---|" * (len(METRICS) + 2) + "\n"
-    lines = []
-    for method, runs in rows.items():
-        for sc in scenarios:
-            cells = []
-            for k in METRICS:
-                vals = np.array([r[sc][k] for r in runs])
-                cells.append(f"{vals.mean():.2f} ± {vals.std():.2f}" if len(vals) > 1 else f"{vals.mean():.2f}")
-            lines.append(f"| {method} | {sc} | " + " | ".join(cells) + " |")
-    return head + "\n".join(lines) + "\n"
+    return runs_table(rows, scenarios, METRICS, group_header="scenario", digits=2)
 
 
 def heatmaps(results: dict, scenarios, out_dir: str | Path, num_experts: int, cameras) -> list[str]:

@@ -19,6 +19,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ...metrics.seeds import runs_table
+
 ROBOT_METRICS = ("success", "final_distance", "latency_ms")
 
 
@@ -155,19 +157,10 @@ def expert_use_heatmap(rows: dict, out_path: str | Path, title: str = "") -> str
 
 def robot_table(rows: dict, embodiments) -> str:
     """Markdown table: one row per (method, embodiment), mean ± std over training seeds."""
-    head = "| method | embodiment / task | " + " | ".join(ROBOT_METRICS) + " |\n|" + "---|" * (len(ROBOT_METRICS) + 2) \
-        + "\n"
     from .robots import EMBODIMENTS
 
-    lines = []
-    for method, runs in rows.items():
-        for e in embodiments:
-            cells = []
-            for k in ROBOT_METRICS:
-                vals = np.array([r[e][k] for r in runs])
-                cells.append(f"{vals.mean():.3f} ± {vals.std():.3f}" if len(vals) > 1 else f"{vals.mean():.3f}")
-            lines.append(f"| {method} | {e} / {EMBODIMENTS[e].task} | " + " | ".join(cells) + " |")
-    return head + "\n".join(lines) + "\n"
+    return runs_table(rows, embodiments, ROBOT_METRICS, group_header="embodiment / task",
+                      group_label=lambda e: f"{e} / {EMBODIMENTS[e].task}")
 
 
 def run_robot_benchmark(*, output_dir: str | Path, model: str = "himoe_vla_tiny_e8k2", tiny: bool = True,
