@@ -187,3 +187,23 @@ def test_pickle_files_refused_elsewhere(model, tmp_path):
     folder = _pickled_folder(model, tmp_path / "pickled")
     with pytest.raises(PickleCheckpointError):
         hub.push_to_hub(folder, "someone/x", dry_run=True, staging_dir=tmp_path / "stage")
+
+
+def test_official_checkpoint_config_lookup_and_dtype(tmp_path):
+    from safetensors.torch import save_file
+
+    from moezoo.checkpoints import float_dtype, load_official_checkpoint
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    cfg, sd = load_official_checkpoint(tmp_path)
+    assert cfg == {} and list(sd) == ["w"]
+    with pytest.raises(ValueError, match="no config.json next to .*pass config="):
+        load_official_checkpoint(tmp_path / "model.safetensors", require_config=True)
+    (tmp_path / "config.json").write_text('{"hidden": 4}')
+    assert load_official_checkpoint(tmp_path, require_config=True)[0] == {"hidden": 4}
+    assert load_official_checkpoint(tmp_path, config={"hidden": 8})[0] == {"hidden": 8}
+    with pytest.raises(ValueError, match="does not exist"):
+        load_official_checkpoint(tmp_path / "nope")
+    assert float_dtype("torch.bfloat16") is torch.bfloat16 and float_dtype(torch.float16) is torch.float16
+    with pytest.raises(ValueError, match="floating torch dtype"):
+        float_dtype("int8")
