@@ -167,17 +167,21 @@ def load_model(official: dict, state_dict: dict):
     return model_with_weights(config, convert_state_dict(state_dict, config))
 
 
-@register_converter("dit-moe")
-def convert_dit_moe(src, dst, *, config=None, allow_pickle: bool = False, **options):
-    """``moezoo convert dit-moe SRC DST``: write a ``save_pretrained`` folder of :class:`MoezooDiTMoeModel`."""
+def write_converted(reference: str, src, dst, build, *, config=None, allow_pickle: bool = False, **options) -> Path:
+    """Read an official DiT-style checkpoint, build the moezoo model with ``build(official, state)`` and save it to
+    ``dst`` (the body of the ``dit-moe`` and ``promoe`` converters)."""
     if options:
-        raise ValueError(f"unknown dit-moe converter option(s): {sorted(options)} (expected config, allow_pickle)")
+        raise ValueError(f"unknown {reference} converter option(s): {sorted(options)} (expected config, allow_pickle)")
     official, state = load_official(src, allow_pickle=allow_pickle, config=config)
-    model = load_model(official, state)
-    model.save_pretrained(str(dst))
+    build(official, state).save_pretrained(str(dst))
     return Path(dst)
 
 
+@register_converter("dit-moe")
+def convert_dit_moe(src, dst, *, config=None, allow_pickle: bool = False, **options):
+    """``moezoo convert dit-moe SRC DST``: write a ``save_pretrained`` folder of :class:`MoezooDiTMoeModel`."""
+    return write_converted("dit-moe", src, dst, load_model, config=config, allow_pickle=allow_pickle, **options)
+
+
 __all__ = ["config_from_official", "convert_state_dict", "load_model", "load_official", "convert_dit_moe",
-           "model_with_weights",
-           "backbone_sizes"]
+           "model_with_weights", "write_converted", "backbone_sizes"]

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import re
 import warnings
-from pathlib import Path
 
 import torch
 
 from ...convert import register_converter
 from .configuration_dit_moe import MoezooDiTMoeConfig
-from .convert_dit_moe import _shape, backbone_sizes, load_official
+from .convert_dit_moe import _shape, backbone_sizes, load_official, model_with_weights, write_converted
 
 OFFICIAL_NULL_LABEL = 1000
 # SparseMoeBlock's defaults
@@ -131,8 +130,6 @@ def convert_state_dict(state_dict: dict, config: MoezooDiTMoeConfig) -> dict:
 
 def load_model(official: dict, state_dict: dict):
     """Build the moezoo model for an official ProMoE config + state dict (strict load)."""
-    from .convert_dit_moe import model_with_weights
-
     config = config_from_official(official, state_dict)
     return model_with_weights(config, convert_state_dict(state_dict, config))
 
@@ -140,12 +137,7 @@ def load_model(official: dict, state_dict: dict):
 @register_converter("promoe")
 def convert_promoe(src, dst, *, config=None, allow_pickle: bool = False, **options):
     """``moezoo convert promoe SRC DST``: write a ``save_pretrained`` folder of :class:`MoezooDiTMoeModel`."""
-    if options:
-        raise ValueError(f"unknown promoe converter option(s): {sorted(options)} (expected config, allow_pickle)")
-    official, state = load_official(src, allow_pickle=allow_pickle, config=config)
-    model = load_model(official, state)
-    model.save_pretrained(str(dst))
-    return Path(dst)
+    return write_converted("promoe", src, dst, load_model, config=config, allow_pickle=allow_pickle, **options)
 
 
 __all__ = ["config_from_official", "convert_state_dict", "load_model", "convert_promoe"]
