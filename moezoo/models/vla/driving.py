@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import types
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -84,7 +85,11 @@ class DrivingEnv:
         if unknown:
             raise ValueError(f"unknown cameras {unknown}; expected names from {CAMERAS}")
         self.image_size = image_size
-        self.env = gym.make(self.scenario.env_id, render_mode="rgb_array")
+        with warnings.catch_warnings():
+            # gymnasium calls every "-v0" id "out of date" when a "-v1" exists; highway-env's v1 ids are different
+            # environments (connected-lane variants), not newer versions of these, so the v0 ids are the right ones
+            warnings.filterwarnings("ignore", message=r".*is out of date\. You should consider upgrading")
+            self.env = gym.make(self.scenario.env_id, render_mode="rgb_array")
         u = self.env.unwrapped
         orig = u._rewards  # merge-v0's reward indexes discrete actions; give it "idle" for continuous ones
         u._rewards = types.MethodType(lambda self_, a: orig(1 if isinstance(a, np.ndarray) else a), u)
