@@ -31,8 +31,9 @@ def test_unknown_scenario_is_named():
         driving.DrivingEnv("highway", cameras=["ego", "roof"])
 
 
-def test_views_state_and_expert(short):
+def test_views_state_and_expert(short, recwarn):
     env = driving.DrivingEnv("intersection", image_size=32)
+    assert not [w for w in recwarn if "out of date" in str(w.message)]  # v0 is the intended env, not a stale one
     obs = env.reset(3)
     assert obs["task"] in ("go straight through the intersection", "turn left at the intersection",
                            "turn right at the intersection")
