@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:
 import moezoo  # noqa: E402,F401 - registers the family
 from moezoo.models.vl_moe.data import load_easy_vqa, load_llava_json, pope_probe  # noqa: E402
 from moezoo.metrics.seeds import format_mean_std  # noqa: E402
-from moezoo.models.vl_moe.harness import evaluate_model  # noqa: E402
+from moezoo.models.vl_moe.harness import blind_prior, evaluate_model  # noqa: E402
 
 
 def _fmt(values):
@@ -50,6 +50,11 @@ def main(argv=None) -> dict:
     report = {}
     print(f"| variant | runs | VQA acc | POPE acc | POPE yes-ratio | tokens/s | params (active) |")
     print("|---|---|---|---|---|---|---|")
+    if not args.llava_json:  # the language-only baseline: each question template's most frequent training answer
+        prior = blind_prior(load_easy_vqa("train"), samples, probe)
+        report["blind prior (no image)"] = prior
+        print(f"| blind prior (no image) | - | {prior['vqa']['accuracy']:.3f} | {prior['pope']['accuracy']:.3f} | "
+              f"{prior['pope']['yes_ratio']:.3f} | - | - |")
     for name, dirs in variants.items():
         runs = [evaluate_model(d, samples, probe, Path(args.out) / name / str(i), batch_size=args.batch_size)
                 for i, d in enumerate(dirs)]

@@ -30,7 +30,7 @@ def smollm2_gguf() -> tuple[str, str] | None:
                                                     "top-2 of 4), then VQA / POPE / routing figures / tokens/s")
 def vl_moe_demo(ctx: DemoContext) -> dict:
     from .data import load_easy_vqa, pope_probe
-    from .harness import evaluate_model
+    from .harness import blind_prior, evaluate_model
     from .recipe import run_stages
 
     out = ctx.step_dir("vl_moe")
@@ -55,10 +55,15 @@ def vl_moe_demo(ctx: DemoContext) -> dict:
                   f"{st.get('time_s')} s")
     test = load_easy_vqa("test", limit=16 if ctx.quick else 100, seed=ctx.seed)
     metrics = evaluate_model(res["model_dir"], test, pope_probe(test), out / "eval", batch_size=8, speed_tokens=8)
+    prior = blind_prior(load_easy_vqa("train"), test, pope_probe(test))
     ctx.print(f"easy-VQA accuracy {metrics['vqa']['accuracy']:.3f} (n={metrics['vqa']['n']}), POPE accuracy "
               f"{metrics['pope']['accuracy']:.3f} yes-ratio {metrics['pope']['yes_ratio']:.2f}, "
               f"{metrics['speed']['tokens_per_s']:.1f} tokens/s; figures: {metrics.get('routing_plots')}")
+    verdict = "beats" if metrics["vqa"]["accuracy"] > prior["vqa"]["accuracy"] else "does NOT beat"
+    ctx.print(f"blind prior (each question template's most frequent training answer, no image): VQA "
+              f"{prior['vqa']['accuracy']:.3f}, POPE {prior['pope']['accuracy']:.3f}; the model {verdict} it")
     return {"language_model": "SmolLM2-135M-Instruct" if lm else "tiny llama", "stages": res["stages"],
             "vqa_accuracy": metrics["vqa"]["accuracy"], "pope_accuracy": metrics["pope"]["accuracy"],
             "pope_yes_ratio": metrics["pope"]["yes_ratio"], "tokens_per_s": metrics["speed"]["tokens_per_s"],
+            "blind_prior_vqa_accuracy": prior["vqa"]["accuracy"], "blind_prior_pope_accuracy": prior["pope"]["accuracy"],
             "routing_plots": metrics.get("routing_plots")}

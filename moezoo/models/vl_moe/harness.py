@@ -18,7 +18,7 @@ import torch
 
 from .data import _open_image, collate_vqa, prompt_text, VqaDataset
 
-__all__ = ["answer_questions", "vqa_accuracy", "pope_metrics", "routing_by_modality", "plot_routing", "generation_speed",
+__all__ = ["answer_questions", "vqa_accuracy", "pope_metrics", "question_template", "blind_prior", "routing_by_modality", "plot_routing", "generation_speed",
            "evaluate_model"]
 
 
@@ -53,6 +53,40 @@ def pope_metrics(model, processor, probe, **kw) -> dict:
     yes = sum(p == "yes" for p in pred) / max(len(probe), 1)
     return {"accuracy": acc, "yes_ratio": yes, "gold_yes_ratio": sum(s.answer == "yes" for s in probe) / len(probe),
             "n": len(probe)}
+
+
+def question_template(question: str, content_words) -> str:
+    """The question with its content words (shape / colour names: any non yes/no answer word) replaced by ``<w>``."""
+    words = question.lower().strip().rstrip("?").split()
+    return " ".join("<w>" if w in content_words else w for w in words)
+
+
+def blind_prior(train, test, probe=None) -> dict:
+    """The language-only baseline a VQA model must beat: answer each test question with the most frequent training
+    answer of its question template (:func:`question_template`), without looking at the image. Returns the VQA
+    accuracy and, with ``probe``, the POPE accuracy and yes-ratio of the same rule."""
+    from collections import Counter, defaultdict
+
+    if not train:
+        raise ValueError("blind_prior needs training samples to count answers in")
+    content = {s.answer.lower() for s in train} - {"yes", "no"}
+    by_template, overall = defaultdict(Counter), Counter()
+    for s in train:
+        by_template[question_template(s.question, content)][s.answer.lower()] += 1
+        overall[s.answer.lower()] += 1
+    fallback = overall.most_common(1)[0][0]
+
+    def answer(q):
+        c = by_template.get(question_template(q, content))
+        return c.most_common(1)[0][0] if c else fallback
+
+    out = {"vqa": {"accuracy": sum(answer(s.question) == s.answer.lower() for s in test) / max(len(test), 1),
+                   "n": len(test)}, "templates": len(by_template)}
+    if probe is not None:
+        pred = [answer(s.question) for s in probe]
+        out["pope"] = {"accuracy": sum(p == s.answer for p, s in zip(pred, probe)) / max(len(probe), 1),
+                       "yes_ratio": sum(p == "yes" for p in pred) / max(len(probe), 1), "n": len(probe)}
+    return out
 
 
 @torch.no_grad()

@@ -64,3 +64,31 @@ def test_routing_splits_modalities_and_cli_writes_table(tmp_path, capsys):
     assert 0 <= res["vqa"]["accuracy"] <= 1 and res["speed"]["tokens_per_s"] > 0
     assert all(Path(p).is_file() for p in res["routing_plots"])
     assert (tmp_path / "ev" / "report.json").is_file()
+
+
+def test_blind_prior_answers_by_question_template():
+    from moezoo.models.vl_moe.harness import blind_prior, question_template
+
+    img = None
+    train = [VqaSample(img, "is there a red shape?", "no"), VqaSample(img, "is there a blue shape?", "no"),
+             VqaSample(img, "is there a teal shape?", "yes"), VqaSample(img, "is there not a red shape?", "yes"),
+             VqaSample(img, "what color is the shape?", "red"), VqaSample(img, "what color is the shape?", "red"),
+             VqaSample(img, "what color is the shape?", "blue"), VqaSample(img, "what color is the shape?", "teal")]
+    assert question_template("Is there a Blue shape?", {"blue"}) == "is there a <w> shape"
+    test = [VqaSample(img, "is there a green shape?", "no"), VqaSample(img, "is there not a blue shape?", "no"),
+            VqaSample(img, "what color is the shape?", "red"), VqaSample(img, "what shape is it?", "circle")]
+    res = blind_prior(train, test, pope_probe(test))
+    # "no" (template majority), "yes" (wrong), "red" (right), unseen template -> overall majority "no"/"red" (wrong)
+    assert res["vqa"]["accuracy"] == 0.5 and res["templates"] == 3
+    assert res["pope"] == {"accuracy": 0.5, "yes_ratio": 0.5, "n": 2}
+
+
+def test_blind_prior_on_easy_vqa_is_a_real_bar():
+    from moezoo.models.vl_moe.harness import blind_prior
+
+    test = load_easy_vqa("test", limit=400, seed=0)
+    res = blind_prior(load_easy_vqa("train"), test, pope_probe(test))
+    # easy-VQA's yes/no questions are skewed by phrasing ("is there a <colour> shape?" is mostly "no"), so a model
+    # that never looks at the image already gets well above chance: the bar every trained model must clear
+    assert 0.6 < res["vqa"]["accuracy"] < 0.75 and 0.75 < res["pope"]["accuracy"] < 0.9
+    assert abs(res["pope"]["yes_ratio"] - 0.5) < 0.1
