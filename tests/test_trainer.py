@@ -146,10 +146,19 @@ def test_yaml_config_and_typed_overrides(tmp_path):
     assert isinstance(c["trainer"]["learning_rate"], float) and isinstance(c["trainer"]["max_steps"], int)
     with pytest.raises(ValueError, match="key.subkey=value"):
         load_yaml_config(f, ["trainer.max_steps"])
-    with pytest.raises(ValueError, match="trainer.max_steps is a int"):
+    with pytest.raises(ValueError, match="trainer.max_steps is a int, not a mapping or a list"):
         load_yaml_config(f, ["trainer.max_steps.x=1"])
     with pytest.raises(FileNotFoundError):
         load_yaml_config(tmp_path / "missing.yaml")
+    g = tmp_path / "stages.yaml"
+    g.write_text("stages:\n  - {name: a, trainer: {max_steps: 3}}\n  - {name: b}\n")
+    st = load_yaml_config(g, ["stages.1.trainer.max_steps=7", "stages.-2.name=first", "stages.0.trainer.lr=1e-2"])
+    assert st["stages"] == [{"name": "first", "trainer": {"max_steps": 3, "lr": 0.01}},
+                           {"name": "b", "trainer": {"max_steps": 7}}]
+    with pytest.raises(ValueError, match="stages is a list of 2; '2' is not an index"):
+        load_yaml_config(g, ["stages.2.name=x"])
+    with pytest.raises(ValueError, match="stages is a list of 2; 'x' is not an index"):
+        load_yaml_config(g, ["stages.x=1"])
     assert parse_config_args(["--config", str(f), "trainer.seed=3"])["trainer"]["seed"] == 3
     assert parse_config_args(["a.b=1"]) == {"a": {"b": 1}}
     TrainerConfig.from_dict(c["trainer"], output_dir=str(tmp_path))

@@ -213,7 +213,8 @@ def _fix_scalars(x):
 
 def apply_overrides(config: dict, overrides) -> dict:
     """Apply ``"a.b.c=value"`` overrides in place (``value`` parsed with ``yaml.safe_load``: ints, floats, bools,
-    ``null``, lists); intermediate dicts are created as needed. Returns ``config``."""
+    ``null``, lists); intermediate dicts are created as needed, and an integer component indexes an existing list
+    (``stages.1.trainer.max_steps=500``). Returns ``config``."""
     import yaml
 
     for ov in overrides or ():
@@ -228,14 +229,21 @@ def apply_overrides(config: dict, overrides) -> dict:
         except yaml.YAMLError as e:
             raise ValueError(f"override {ov!r}: cannot parse value {raw!r} as YAML ({e})") from None
         node = config
-        for i, p in enumerate(parts[:-1]):
-            nxt = node.get(p)
-            if nxt is None:
-                nxt = node[p] = {}
-            elif not isinstance(nxt, dict):
-                raise ValueError(f"override {ov!r}: {'.'.join(parts[:i + 1])} is a {type(nxt).__name__}, not a mapping")
-            node = nxt
-        node[parts[-1]] = value
+        for i, p in enumerate(parts):
+            last = i == len(parts) - 1
+            where = ".".join(parts[:i]) or "the config"
+            if isinstance(node, list):
+                if not p.lstrip("-").isdigit() or not -len(node) <= int(p) < len(node):
+                    raise ValueError(f"override {ov!r}: {where} is a list of {len(node)}; {p!r} is not an index in it")
+                p = int(p)
+            elif not isinstance(node, dict):
+                raise ValueError(f"override {ov!r}: {where} is a {type(node).__name__}, not a mapping or a list")
+            if last:
+                node[p] = value
+            else:
+                if isinstance(node, dict) and node.get(p) is None:
+                    node[p] = {}
+                node = node[p]
     return config
 
 
