@@ -49,6 +49,27 @@ def load_easy_vqa(split: str = "train", limit: int | None = None, seed: int = 0)
     return samples
 
 
+EASY_VQA_SHAPES = ("circle", "rectangle", "triangle")
+CAPTION_PROMPT = "describe the image."
+
+
+def easy_vqa_captions(samples: list[VqaSample]) -> list[VqaSample]:
+    """Image-caption pairs for LLaVA's stage 1 (feature alignment) from easy-VQA's own annotations: one ``"a <colour>
+    <shape>"`` caption per image whose colour and shape some question answers (``question`` is :data:`CAPTION_PROMPT`).
+    Unlike a VQA answer, a caption cannot be guessed from the question's wording, so only the image lowers its loss."""
+    colour, shape, image = {}, {}, {}
+    for s in samples:
+        a = s.answer.lower()
+        if a in ("yes", "no") or s.image_id is None:
+            continue
+        image[s.image_id] = s.image
+        (shape if a in EASY_VQA_SHAPES else colour)[s.image_id] = a
+    out = [VqaSample(image[i], CAPTION_PROMPT, f"a {colour[i]} {shape[i]}", i) for i in image if i in colour and i in shape]
+    if not out:
+        raise ValueError("no image has both a colour and a shape answer among the samples: cannot build captions")
+    return out
+
+
 def easy_vqa_answers() -> list[str]:
     import easy_vqa
 

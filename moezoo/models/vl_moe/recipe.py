@@ -14,11 +14,15 @@ A config (``training/vl_moe/configs/*.yaml``)::
       llava_json: null            # with source llava_json: the JSON file and its image folder
       image_folder: null
     stages:                       # run in order; each resumable (its own trainer.output_dir / checkpoints)
-      - {name: projector, train: [projector, vision_tower]}     # 1. LM frozen (tower trained: no pretrained weights here)
+      - {name: projector, train: [projector, vision_tower], data: captions}  # 1. LM frozen, image-caption pairs
       - {name: instruct, train: [projector, language_model]}    # 2. dense LM instruction tuning
       - {name: moe, train: [moe], upcycle: true}                # 3. upcycle, train MoE layers + routers (balance loss)
     trainer: {...}                # TrainerConfig fields shared by the stages; a stage's own ``trainer:`` overrides them
     output_dir: runs/vl_moe
+
+A stage trains on the VQA questions, or with ``data: captions`` (easy-VQA only) on image-caption pairs built from
+easy-VQA's annotations (``"a red circle"``, :func:`~moezoo.models.vl_moe.data.easy_vqa_captions`): LLaVA's stage-1
+alignment data, whose loss only the image can lower (VQA answers can largely be guessed from the question's wording).
 
 Stages 1-2 train the dense model (``moe_mode: none``); stage 3 upcycles its LM with the registry entry's MoE settings
 (MoE-LLaVA top-2 capacity, or MoIIE modality pools) through :meth:`MoezooVlMoeForConditionalGeneration.upcycle`.
@@ -36,7 +40,8 @@ from pathlib import Path
 import torch
 
 from ...trainer import Trainer, TrainerConfig
-from .data import VqaDataset, build_word_tokenizer, collate_vqa, easy_vqa_answers, load_easy_vqa, load_llava_json
+from .data import (VqaDataset, build_word_tokenizer, collate_vqa, easy_vqa_answers, easy_vqa_captions, load_easy_vqa,
+                   load_llava_json)
 
 TRAINABLE = ("projector", "vision_tower", "language_model", "moe", "routers")
 DEFAULT_STAGES = [{"name": "projector", "train": ["projector", "vision_tower"]},
@@ -87,7 +92,7 @@ def build_model_and_processor(model_cfg: dict, samples):
             text.pop(key, None)
         target.update(text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"))
     else:
-        words = [s.question + " " + s.answer for s in samples]
+        words = [s.question + " " + s.answer for s in samples] + ["describe the image. a"]
         extra = easy_vqa_answers() if model_cfg.get("answers_vocab", True) else ()
         tok = build_word_tokenizer(words, extra_words=extra)
         text = dict(target["text_config"])
@@ -149,9 +154,18 @@ def run_stages(config: dict) -> dict:
 
     out_dir = Path(config.get("output_dir", "runs/vl_moe"))
     data = dict(config.get("data") or {})
+    stages = config.get("stages") or DEFAULT_STAGES
+    for st in stages:
+        if st.get("data", "vqa") not in ("vqa", "captions"):
+            raise ValueError(f"stage {st.get('name')!r}: data must be 'vqa' or 'captions', got {st['data']!r}")
+        if st.get("data") == "captions" and data.get("source", "easy_vqa") != "easy_vqa":
+            raise ValueError(f"stage {st.get('name')!r}: data=captions needs data.source=easy_vqa (LLaVA-format JSON "
+                             "already holds the pairs a stage should train on)")
     samples = load_samples(data, "train")
     model, processor, moe = build_model_and_processor(dict(config["model"]), samples)
-    stages = config.get("stages") or DEFAULT_STAGES
+    # captions come from every training question (an image needs a colour and a shape answer), not the VQA subset
+    captions = (easy_vqa_captions(load_easy_vqa("train")) if any(st.get("data") == "captions" for st in stages)
+                else None)
     results, prev = [], None
     for st in stages:
         name = st["name"]
@@ -179,7 +193,7 @@ def run_stages(config: dict) -> dict:
             n_train = sum(x.numel() for x in model.parameters() if x.requires_grad)
         tcfg = dict(config.get("trainer") or {}, **dict(st.get("trainer") or {}))
         tcfg["output_dir"] = str(out_dir / name)
-        ds = VqaDataset(samples, processor)
+        ds = VqaDataset(captions if st.get("data") == "captions" else samples, processor)
         pad = processor.tokenizer.pad_token_id or 0
         t0 = time.time()
         trainer = Trainer(model, TrainerConfig.from_dict(tcfg), train_data=ds,

@@ -123,3 +123,40 @@ def test_lora_stage_merges_adapters_into_plain_weights(tmp_path):
     assert torch.equal(la.k_proj.weight, lb.k_proj.weight)  # not targeted, frozen
     with pytest.raises(ValueError, match="lora trains adapters"):
         run_stages(_config(tmp_path / "x", [{"name": "l", "train": ["language_model"], "lora": {"r": 2}}]))
+
+
+def test_easy_vqa_captions_from_annotations():
+    from moezoo.models.vl_moe.data import CAPTION_PROMPT, VqaSample, easy_vqa_captions
+
+    s = [VqaSample("a.png", "what color is the shape?", "red", 1), VqaSample("a.png", "what shape is present?", "circle", 1),
+         VqaSample("a.png", "is there a circle?", "yes", 1), VqaSample("b.png", "what color is the shape?", "teal", 2)]
+    caps = easy_vqa_captions(s)
+    assert [(c.image, c.question, c.answer, c.image_id) for c in caps] == [("a.png", CAPTION_PROMPT, "a red circle", 1)]
+    with pytest.raises(ValueError, match="cannot build captions"):
+        easy_vqa_captions(s[2:])
+    real = easy_vqa_captions(load_easy_vqa("train"))
+    assert len(real) > 2000 and all(c.answer.split()[2] in ("circle", "rectangle", "triangle") for c in real)
+
+
+def test_caption_stage_trains_on_captions_and_bad_stage_data_is_named(tmp_path, monkeypatch):
+    import moezoo.models.vl_moe.recipe as recipe
+
+    seen = []
+    real = recipe.VqaDataset
+
+    def spy(samples, processor):
+        seen.append({x.question for x in samples})
+        return real(samples, processor)
+
+    monkeypatch.setattr(recipe, "VqaDataset", spy)
+    cfg = _config(tmp_path, stages=[{"name": "projector", "train": ["projector", "vision_tower"], "data": "captions"},
+                                    {"name": "instruct", "train": ["projector", "language_model"]}])
+    res = run_stages(cfg)
+    assert seen[0] == {"describe the image."} and "describe the image." not in seen[1]
+    assert all(r.get("loss") is not None for r in res["stages"])
+    with pytest.raises(ValueError, match="data must be 'vqa' or 'captions'"):
+        run_stages(_config(tmp_path / "x", stages=[{"name": "p", "train": ["projector"], "data": "pairs"}]))
+    bad = _config(tmp_path / "y", stages=[{"name": "p", "train": ["projector"], "data": "captions"}])
+    bad["data"] = {"source": "llava_json", "llava_json": "x.json"}
+    with pytest.raises(ValueError, match="data=captions needs data.source=easy_vqa"):
+        run_stages(bad)
