@@ -15,7 +15,8 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}"
     "{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "{% if message['role'] == 'user' %}\n{% else %}{{ eos_token }}\n{% endif %}"
+    # a newline right after a block tag would be eaten by transformers' Jinja (trim_blocks): emit it as an expression
+    "{% if message['role'] == 'user' %}{{ '\n' }}{% else %}{{ eos_token }}{{ '\n' }}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 

@@ -179,7 +179,10 @@ def test_processor_then_generate_like_llava(tmp_path):
     proc = MoezooVlMoeProcessor.for_model(m.config, tok)
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what shape is this ?"}]}]
     prompt = proc.apply_chat_template(msgs, add_generation_prompt=True)
-    assert prompt.startswith("USER: <image>\n") and prompt.endswith("ASSISTANT:")
+    assert prompt == "USER: <image>\nwhat shape is this ?\nASSISTANT:"  # LLaVA-1.5 layout, the question's line ended
+    two = msgs + [{"role": "assistant", "content": "circle"}, {"role": "user", "content": "and the colour ?"}]
+    assert proc.apply_chat_template(two, add_generation_prompt=True).endswith(
+        f"\nASSISTANT: circle{tok.eos_token}\nUSER: and the colour ?\nASSISTANT:")
     img = Image.new("RGB", (50, 40), (255, 0, 0))
     inputs = proc(images=img, text=prompt)
     assert inputs["pixel_values"].shape == (1, 3, 32, 32)
