@@ -19,7 +19,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", required=True, nargs="+",
                     help="save_pretrained folder(s) (several: seeds of one variant) or a registry name (fresh weights)")
     ap.add_argument("--tiny", action="store_true", help="with a registry name: its tiny variant")
-    ap.add_argument("--codec", required=True, help="an Encodec/DAC/Mimi save_pretrained folder, or random:dac")
+    ap.add_argument("--codec", default="bundled",
+                    help="bundled (the shipped mel-RVQ codec, default), an Encodec/DAC/Mimi/mel-RVQ save_pretrained "
+                         "folder, or random:dac")
     ap.add_argument("--speech", default="asterisk")
     ap.add_argument("--music", default="sonic_pi")
     ap.add_argument("--items", type=int, default=16, help="held-out clips per task")
@@ -37,7 +39,8 @@ def main(argv=None) -> int:
     from moezoo.models.audio_moe.harness import run_harness
     from moezoo.models.audio_moe.recipe import load_codec, load_items
 
-    codec = load_codec({"random": "dac"} if args.codec == "random:dac" else {"path": args.codec})
+    codec = load_codec({"random": "dac"} if args.codec == "random:dac" else {"bundled": True} if args.codec == "bundled"
+                       else {"path": args.codec})
     items = []
     for source in (args.speech, args.music):
         _, held_out = split_items(load_items(source), held_out=0.1)
