@@ -61,6 +61,68 @@ def capacity_analytics(model, dataset, tasks: list[str], batch_size: int = 4) ->
     return report
 
 
+def _label_pairs(dataset, i: int, vocab_size: int):
+    """(context, label) pairs per codebook of item ``i``: label = codec id at position t (the loss's targets), context =
+    the same codebook's codec id at t - 1, or -1 when t - 1 is a text position."""
+    item = dataset[i]
+    ids, lab = item["input_ids"], item["labels"]
+    tgt = lab[:, 1:]
+    prev = ids[:, :-1]
+    valid = tgt >= vocab_size
+    ctx = torch.where(prev >= vocab_size, prev - vocab_size, torch.full_like(prev, -1))
+    return [(ctx[c][valid[c]], tgt[c][valid[c]] - vocab_size) for c in range(ids.shape[0])]
+
+
+def trivial_baselines(train_ds, train_tasks: list[str], *, alpha: float = 0.5, backoff: float = 5.0):
+    """Per task and codebook, two trivial predictors of the next codec token fitted on ``train_ds``: a unigram (code
+    frequencies, add-``alpha`` smoothing) and a bigram on the previous code of the same codebook, interpolated with the
+    unigram (``(n(prev, next) + backoff * p_uni(next)) / (n(prev) + backoff)``). Returns ``{task: (uni (K, V),
+    bi (K, V + 1, V))}`` log-probabilities; bigram row ``V`` is the "previous position is text" context."""
+    cfg = train_ds.config
+    K, V = cfg.num_codebooks, cfg.codec_vocab_size
+    counts: dict = {}
+    for i, task in enumerate(train_tasks):
+        uni, bi = counts.setdefault(task, (torch.zeros(K, V), torch.zeros(K, V + 1, V)))
+        for c, (ctx, tgt) in enumerate(_label_pairs(train_ds, i, cfg.vocab_size)):
+            uni[c].index_put_((tgt,), torch.ones(len(tgt)), accumulate=True)
+            bi[c].index_put_((ctx.where(ctx >= 0, torch.full_like(ctx, V)), tgt), torch.ones(len(tgt)), accumulate=True)
+    out = {}
+    for task, (uni, bi) in counts.items():
+        p_uni = (uni + alpha) / (uni + alpha).sum(-1, keepdim=True)
+        p_bi = (bi + backoff * p_uni[:, None]) / (bi.sum(-1, keepdim=True) + backoff)
+        out[task] = (p_uni.log(), p_bi.log())
+    return out
+
+
+@torch.no_grad()
+def token_loss_vs_baselines(model, test_ds, test_tasks: list[str], baselines) -> dict:
+    """Held-out codec-token cross-entropy (nats per code, averaged over codebooks, token-weighted over clips) of the
+    model and of :func:`trivial_baselines`, per task, on exactly the positions the model's loss scores."""
+    cfg = model.config
+    K, V = cfg.num_codebooks, cfg.codec_vocab_size
+    model.eval()
+    acc: dict = {}
+    for i, task in enumerate(test_tasks):
+        a = acc.setdefault(task, {"model": torch.zeros(K), "unigram": torch.zeros(K), "bigram": torch.zeros(K),
+                                  "tokens": torch.zeros(K)})
+        item = test_ds[i]
+        out = model(input_ids=item["input_ids"], labels=item["labels"])
+        pairs = _label_pairs(test_ds, i, cfg.vocab_size)
+        lp_uni, lp_bi = baselines[task]
+        for c, (ctx, tgt) in enumerate(pairs):
+            n = len(tgt)
+            a["tokens"][c] += n
+            a["model"][c] += float(out.codebook_losses[c]) * n
+            a["unigram"][c] -= float(lp_uni[c][tgt].sum())
+            a["bigram"][c] -= float(lp_bi[c][ctx.where(ctx >= 0, torch.full_like(ctx, V)), tgt].sum())
+    report = {}
+    for task, a in acc.items():
+        per_cb = {k: (a[k] / a["tokens"]).tolist() for k in ("model", "unigram", "bigram")}
+        report[task] = {k: sum(v) / K for k, v in per_cb.items()}
+        report[task].update(per_codebook=per_cb, tokens=int(a["tokens"].sum()), clips=test_tasks.count(task))
+    return report
+
+
 def save_wav_and_spectrogram(wav: torch.Tensor, sr: int, stem: Path) -> tuple[Path, Path]:
     import matplotlib
 
@@ -109,4 +171,4 @@ def run_harness(model, codec, items, out_dir: str | Path, *, prompts=None, max_f
     return report
 
 
-__all__ = ["capacity_analytics", "save_wav_and_spectrogram", "run_harness"]
+__all__ = ["capacity_analytics", "trivial_baselines", "token_loss_vs_baselines", "save_wav_and_spectrogram", "run_harness"]

@@ -84,11 +84,11 @@ class MelRVQCodecModel(PreTrainedModel):
         """(B, 1, N) or (B, N) -> standardised log-mel frames (B, N // hop, n_mels)."""
         cfg = self.config
         x = wav.reshape(wav.shape[0], -1).to(self.mean)
-        if x.shape[-1] <= cfg.n_fft // 2:
-            raise ValueError(f"wav has {x.shape[-1]} samples; this codec needs more than n_fft/2 = {cfg.n_fft // 2}")
         T = x.shape[-1] // cfg.hop_length
         if T < 1:
             raise ValueError(f"wav has {x.shape[-1]} samples, fewer than one frame (hop_length={cfg.hop_length})")
+        if x.shape[-1] <= cfg.n_fft // 2:  # too short for the centred (reflect-padded) STFT: pad with silence
+            x = torch.nn.functional.pad(x, (0, cfg.n_fft // 2 + 1 - x.shape[-1]))
         m = self._dsp(x.device)[0](x)[..., :T]  # center=True: frame t is centred on sample t * hop
         return ((torch.log(m + cfg.log_floor).transpose(1, 2)) - self.mean) / self.std
 
