@@ -89,6 +89,9 @@ def test_bundled_codec_reconstructs_held_out_speech_and_music():
     assert (folder / "model.safetensors").stat().st_size < 300_000
     codec = AudioCodec.bundled()
     assert (codec.sample_rate, codec.frame_rate, codec.num_codebooks, codec.codebook_size) == (SR, 62.5, 4, 128)
+    from moezoo.models.audio_moe.recipe import load_codec
+
+    assert load_codec({"bundled": True}).kind == load_codec({"bundled": "mel_rvq_8k_k4c128"}).kind == "moezoo_mel_rvq"
     comparison = json.loads((folder / "codec_comparison.json").read_text())
     assert comparison["winner"] == "mel_rvq"
     _, te_s = split_items(asterisk_speech(), 0.1)
