@@ -1,7 +1,7 @@
 """Train one stage of the audio_moe three-stage recipe (see moezoo/models/audio_moe/recipe.py).
 
-    python training/audio_moe/train.py training/audio_moe/configs/1_specialist_speech.yaml [key=value ...]
-    accelerate launch training/audio_moe/train.py training/audio_moe/configs/3_joint.yaml trainer.max_steps=2000
+    python training/audio_moe/train.py --config training/audio_moe/configs/1_specialist_speech.yaml [key=value ...]
+    accelerate launch training/audio_moe/train.py --config training/audio_moe/configs/3_joint.yaml trainer.max_steps=2000
 
 Order: 1_specialist_speech, 1_specialist_music, 2_integrate, 3_joint. Every stage resumes from its newest checkpoint
 (trainer.resume: auto) and writes <output_dir>/final for the next stage.

@@ -1,4 +1,5 @@
-"""One interface over transformers' neural audio codecs (``EncodecModel``, ``DacModel``, ``MimiModel``).
+"""One interface over transformers' neural audio codecs (``EncodecModel``, ``DacModel``, ``MimiModel``) and the
+offline log-mel residual-VQ codec (:class:`~moezoo.models.audio_moe.mel_codec.MelRVQCodecModel`).
 
 ``AudioCodec(model)`` or ``AudioCodec.from_pretrained(path)`` (class picked from the folder's ``config.json``):
 
@@ -18,24 +19,26 @@ import torch
 from torch import nn
 
 SILENCE = 1e-6
-KINDS = ("encodec", "dac", "mimi")
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+BUNDLED_CODEC = "mel_rvq_8k_k4c128"  # shipped with the package: 8 kHz, 62.5 frames/s, 4 codebooks x 128 codes
+KINDS = ("encodec", "dac", "mimi", "moezoo_mel_rvq")
 
 
 class AudioCodec(nn.Module):
     """Wrapper giving every supported codec the same ``encode`` / ``decode`` and metadata.
 
     Args:
-        model: a transformers ``EncodecModel``, ``DacModel`` or ``MimiModel``.
+        model: a transformers ``EncodecModel``, ``DacModel`` or ``MimiModel``, or a ``MelRVQCodecModel``.
         bandwidth: Encodec only, the target bandwidth in kbps (default: the largest of ``config.target_bandwidths``);
             it fixes the number of codebooks.
-        num_codebooks: DAC / Mimi only, use the first K quantizers (default: all).
+        num_codebooks: DAC / Mimi / mel-RVQ only, use the first K quantizers (default: all).
     """
 
     def __init__(self, model: nn.Module, *, bandwidth: float | None = None, num_codebooks: int | None = None):
         super().__init__()
         kind = getattr(getattr(model, "config", None), "model_type", None)
         if kind not in KINDS:
-            raise ValueError(f"model must be a transformers EncodecModel, DacModel or MimiModel, got "
+            raise ValueError(f"model must be a transformers EncodecModel, DacModel or MimiModel or a MelRVQCodecModel, got "
                              f"{type(model).__name__} (model_type {kind!r})")
         self.model, self.kind = model.eval(), kind
         cfg = model.config
@@ -52,7 +55,7 @@ class AudioCodec(nn.Module):
         else:
             if bandwidth is not None:
                 raise ValueError(f"bandwidth= is an Encodec option; {kind} takes num_codebooks=")
-            total = int(cfg.n_codebooks if kind == "dac" else cfg.num_quantizers)
+            total = int(getattr(cfg, {"dac": "n_codebooks", "mimi": "num_quantizers"}.get(kind, "num_codebooks")))
             k = total if num_codebooks is None else int(num_codebooks)
             if not 1 <= k <= total:
                 raise ValueError(f"num_codebooks must be in [1, {total}], got {num_codebooks!r}")
@@ -63,15 +66,28 @@ class AudioCodec(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, *, bandwidth: float | None = None, num_codebooks: int | None = None,
                         **kwargs) -> "AudioCodec":
-        """Load an Encodec / DAC / Mimi ``save_pretrained`` folder (local; nothing is downloaded when offline)."""
-        from transformers import AutoConfig, DacModel, EncodecModel, MimiModel
+        """Load an Encodec / DAC / Mimi / mel-RVQ ``save_pretrained`` folder (local; nothing is downloaded)."""
+        from transformers import DacModel, EncodecModel, MimiModel, PretrainedConfig
 
-        cfg = AutoConfig.from_pretrained(path)
-        classes = {"encodec": EncodecModel, "dac": DacModel, "mimi": MimiModel}
-        if cfg.model_type not in classes:
-            raise ValueError(f"{str(path)!r} holds a {cfg.model_type!r} model; expected one of {sorted(classes)}")
-        return cls(classes[cfg.model_type].from_pretrained(path, **kwargs), bandwidth=bandwidth,
+        from .mel_codec import MelRVQCodecModel
+
+        if not (Path(path) / "config.json").is_file():
+            raise ValueError(f"{str(path)!r} is not a codec folder (no config.json)")
+        model_type = PretrainedConfig.get_config_dict(str(path))[0].get("model_type")
+        classes = {"encodec": EncodecModel, "dac": DacModel, "mimi": MimiModel, "moezoo_mel_rvq": MelRVQCodecModel}
+        if model_type not in classes:
+            raise ValueError(f"{str(path)!r} holds a {model_type!r} model; expected one of {sorted(classes)}")
+        return cls(classes[model_type].from_pretrained(path, **kwargs), bandwidth=bandwidth,
                    num_codebooks=num_codebooks)
+
+    @classmethod
+    def bundled(cls, name: str = BUNDLED_CODEC) -> "AudioCodec":
+        """The codec shipped with moezoo (log-mel residual VQ fitted on the bundled speech + music, Griffin-Lim
+        vocoder; see ``pretrained/<name>/NOTES.md``); works offline."""
+        names = sorted(p.name for p in PRETRAINED_DIR.iterdir() if (p / "config.json").is_file())
+        if name not in names:
+            raise ValueError(f"no bundled codec {name!r}; bundled: {names}")
+        return cls.from_pretrained(PRETRAINED_DIR / name)
 
     def save_pretrained(self, path: str | Path) -> None:
         self.model.save_pretrained(path)
@@ -84,7 +100,7 @@ class AudioCodec(nn.Module):
     @property
     def frame_rate(self) -> float:
         cfg = self.model.config
-        if self.kind == "dac":
+        if self.kind in ("dac", "moezoo_mel_rvq"):
             return self.sample_rate / cfg.hop_length
         return float(cfg.frame_rate)
 
@@ -148,6 +164,8 @@ class AudioCodec(nn.Module):
             codes = codes.permute(1, 2, 0, 3).reshape(codes.shape[1], codes.shape[2], -1)
         elif self.kind == "dac":
             codes = self.model.encode(x).audio_codes
+        elif self.kind == "moezoo_mel_rvq":
+            codes = self.model.encode(x)
         else:
             codes = self.model.encode(x, num_quantizers=self._K).audio_codes
         return codes[:, : self._K].long()
@@ -173,6 +191,8 @@ class AudioCodec(nn.Module):
             wav = self.model.decode(codes[None], [None]).audio_values
         elif self.kind == "dac":
             wav = self.model.decode(audio_codes=codes).audio_values
+        elif self.kind == "moezoo_mel_rvq":
+            wav = self.model.decode(codes)
         else:
             wav = self.model.decode(codes).audio_values
         return wav.reshape(codes.shape[0], -1).float()
@@ -182,4 +202,4 @@ class AudioCodec(nn.Module):
                 f"num_codebooks={self.num_codebooks}, codebook_size={self.codebook_size}")
 
 
-__all__ = ["AudioCodec"]
+__all__ = ["AudioCodec", "BUNDLED_CODEC", "PRETRAINED_DIR"]

@@ -13,7 +13,7 @@ Stages (one YAML each under ``training/audio_moe/configs/``, each resumable with
 
 Config sections: ``stage``, ``model`` (registry ``name`` + ``tiny`` + ``overrides``, or ``init_from``), ``specialists``
 (stage 2: ``speech`` / ``music`` folders), ``codec`` (``path`` of an Encodec/DAC/Mimi ``save_pretrained`` folder, or
-``random: dac`` for a smoke test), ``data`` (``speech`` / ``music`` sources: ``asterisk``, ``sonic_pi``, a manifest
+``bundled: true`` for the mel-RVQ codec shipped with the package, or ``random: dac`` for a smoke test), ``data`` (``speech`` / ``music`` sources: ``asterisk``, ``sonic_pi``, a manifest
 path or ``libritts:<dir>``; ``max_items``, ``max_frames``, ``max_text``), ``trainable`` (``all`` or
 ``gate_and_shared``), ``routing_stats`` (expert-load logging and plots, default on), ``trainer`` (:class:`TrainerConfig`
 fields).
@@ -33,6 +33,9 @@ def load_codec(codec_cfg: Mapping):
     from .codec import AudioCodec
 
     codec_cfg = dict(codec_cfg or {})
+    if codec_cfg.get("bundled"):  # the mel-RVQ codec shipped with the package (true = the default one)
+        name = codec_cfg["bundled"]
+        return AudioCodec.bundled() if name is True else AudioCodec.bundled(str(name))
     if codec_cfg.get("path"):
         return AudioCodec.from_pretrained(codec_cfg["path"])
     if codec_cfg.get("random") == "dac":  # untrained tiny DAC: smoke tests only
@@ -42,7 +45,8 @@ def load_codec(codec_cfg: Mapping):
         return AudioCodec(DacModel(DacConfig(encoder_hidden_size=4, downsampling_ratios=[2, 4], decoder_hidden_size=8,
                                              n_codebooks=3, codebook_size=32, codebook_dim=4, hidden_size=16,
                                              upsampling_ratios=[4, 2], sampling_rate=8000)))
-    raise ValueError("codec: give path (an Encodec/DAC/Mimi save_pretrained folder) or random: dac")
+    raise ValueError("codec: give bundled: true (the shipped mel-RVQ codec), path (an Encodec/DAC/Mimi/mel-RVQ "
+                     "save_pretrained folder) or random: dac")
 
 
 def load_items(source: str):
