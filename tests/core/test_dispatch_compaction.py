@@ -47,3 +47,18 @@ def test_top_p_layer_dispatches_only_real_slots(monkeypatch):
             if e < 6:
                 ref[t] += w * layer.experts.expert_forward(e, x[t:t + 1])[0]
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_routers_with_their_own_logits_stay_fp32_under_bf16_autocast():
+    """The prototype (ProMoE) and two-layer (MoE++ weight_in) routers compute their logits outside autocast like the base."""
+    from moezoo.core import build_router
+
+    torch.manual_seed(0)
+    x = torch.randn(10, 16)
+    for router in (build_router("prototype", hidden_size=16, num_experts=4, top_k=1),
+                   build_router("moepp", hidden_size=16, num_experts=4, top_k=2, gate_hidden_size=8)):
+        ref = router(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = router(x)
+        assert got.logits.dtype == torch.float32
+        torch.testing.assert_close(got.logits, ref.logits)
