@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 
 import torch
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicLayer
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import MoeModelOutputWithPast
 
@@ -53,4 +53,59 @@ def output_cache(output) -> Cache | None:
     return getattr(output, CACHE_FIELD, None)
 
 
-__all__ = ["CACHE_FIELD", "resolve_cache", "causal_mask", "cache_kwargs", "output_cache"]
+class PreallocatedLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose storage is allocated once for ``max_cache_len`` positions.
+
+    Same semantics as transformers' ``DynamicLayer`` (``keys`` / ``values`` are exactly the filled positions, so masks,
+    lengths and attention cost are unchanged), but ``update`` writes the new states into the buffer in place and
+    returns views of its filled prefix: no concatenation (a full copy of the cache) per decoding step. Unlike
+    ``StaticLayer`` the attention sees only the filled positions, not all ``max_cache_len``. Writing past the buffer
+    reallocates it (twice as large), as does anything that replaced ``keys`` by another tensor (``reorder_cache``,
+    ``batch_select_indices`` ...), so every Cache method inherited from ``DynamicLayer`` keeps working.
+    """
+
+    def __init__(self, max_cache_len: int, **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(max_cache_len, int) or isinstance(max_cache_len, bool) or max_cache_len < 1:
+            raise ValueError(f"max_cache_len must be a positive int, got {max_cache_len!r}")
+        self.max_cache_len = max_cache_len
+        self._kbuf = self._vbuf = None
+
+    def _fits(self, key_states: torch.Tensor, value_states: torch.Tensor, n: int, new: int) -> bool:
+        kb, vb = self._kbuf, self._vbuf
+        if kb is None or new > kb.shape[-2] or kb.shape[:2] != key_states.shape[:2] or kb.dtype != key_states.dtype \
+                or kb.device != key_states.device or vb.shape[-1] != value_states.shape[-1] \
+                or kb.shape[-1] != key_states.shape[-1]:
+            return False
+        return n == 0 or (self.keys._base is kb and self.values._base is vb)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = self.get_seq_length()
+        new = n + key_states.shape[-2]
+        if not self._fits(key_states, value_states, n, new):
+            cap = max(new, self.max_cache_len if self._kbuf is None else 2 * self._kbuf.shape[-2])
+            B, H = key_states.shape[:2]
+            kb = key_states.new_empty(B, H, cap, key_states.shape[-1])
+            vb = value_states.new_empty(B, H, cap, value_states.shape[-1])
+            if n:
+                kb[:, :, :n].copy_(self.keys)
+                vb[:, :, :n].copy_(self.values)
+            self._kbuf, self._vbuf = kb, vb
+        self._kbuf[:, :, n:new].copy_(key_states)
+        self._vbuf[:, :, n:new].copy_(value_states)
+        self.keys, self.values = self._kbuf[:, :, :new], self._vbuf[:, :, :new]
+        return self.keys, self.values
+
+
+class PreallocatedCache(Cache):
+    """A transformers ``Cache`` of :class:`PreallocatedLayer` (``num_layers`` of them, ``max_cache_len`` positions
+    each): decoding with a known final length (Time-MoE's ``generate`` / ``forecast``) writes in place."""
+
+    def __init__(self, num_layers: int, max_cache_len: int):
+        super().__init__(layers=[PreallocatedLayer(max_cache_len) for _ in range(num_layers)])
+
+
+__all__ = ["CACHE_FIELD", "resolve_cache", "causal_mask", "cache_kwargs", "output_cache", "PreallocatedLayer",
+           "PreallocatedCache"]

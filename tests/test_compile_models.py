@@ -15,10 +15,14 @@ def _loss_and_grads(fn, model, inputs):
     return out.loss.detach(), grads
 
 
-@pytest.mark.parametrize("name", ["time_moe_tiny_e4k2", "dit_moe_tiny_e4k2"])
-def test_compiled_training_step_is_stable_and_matches_eager(name):
+# ProMoE: its unconditional-expert router and routing contrastive loss on static shapes (one MoE layer keeps the
+# compile time low); MoFME: the FME experts' grouped product as the custom op moezoo::fme_grouped_linear
+@pytest.mark.parametrize("name,overrides", [("time_moe_tiny_e4k2", {}), ("dit_moe_tiny_e4k2", {}),
+                                            ("promoe_tiny_e4k1", {"num_hidden_layers": 2}),
+                                            ("deweather_mofme_tiny_e4k2", {"num_hidden_layers": 1})])
+def test_compiled_training_step_is_stable_and_matches_eager(name, overrides):
     torch.manual_seed(0)
-    model = moezoo.create_model(name, tiny=True)
+    model = moezoo.create_model(name, tiny=True, **overrides)
     if hasattr(model.config, "class_dropout_prob"):
         model.config.class_dropout_prob = 0.0  # the same labels in both runs
     model.train()

@@ -82,3 +82,38 @@ def test_bf16_autocast_switch_forecasts_close_to_fp32_with_fp32_routers():
     assert all(r.dtype == torch.float32 for r in out.router_logits)
     with pytest.raises(ValueError, match="autocast"):
         model.generate(torch.randn(1, 8), max_new_tokens=2, autocast="bf16")
+
+
+def test_preallocated_cache_generation_equals_dynamic_cache_and_no_cache():
+    """generate's default cache (written in place) against transformers' DynamicCache (concatenation per step) and
+    against re-running the whole sequence; the horizon heads make steps of several points (64 / 32 / 8 / 1)."""
+    from transformers import DynamicCache
+
+    from moezoo.cache_compat import PreallocatedCache
+
+    model = _model()
+    x = torch.randn(3, 25)
+    mask = torch.ones(3, 25, dtype=torch.long)
+    mask[1, :6] = 0
+    with torch.no_grad():
+        for m in (None, mask):
+            new = model.generate(x, attention_mask=m, max_new_tokens=21)
+            old = model.generate(x, attention_mask=m, max_new_tokens=21, cache=DynamicCache(config=model.config))
+            ref = model.generate(x, attention_mask=m, max_new_tokens=21, use_cache=False)
+            torch.testing.assert_close(new, old, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(new, ref, atol=1e-5, rtol=1e-4)
+    # the layer: views of one buffer, filled in place; growing past max_cache_len and a replaced tensor reallocate
+    cache = PreallocatedCache(1, 4)
+    k = torch.randn(2, 1, 3, 5)
+    a, _ = cache.update(k, k + 1, 0)
+    b, bv = cache.update(k[:, :, :1] * 2, k[:, :, :1], 0)
+    assert a.shape[-2] == 3 and b.shape[-2] == 4 and cache.get_seq_length() == 4 and b._base is cache.layers[0]._kbuf
+    c, cv = cache.update(k, k, 0)  # 7 > 4: the buffer doubles, the prefix is kept
+    assert c.shape[-2] == 7 and cache.layers[0]._kbuf.shape[-2] == 8
+    torch.testing.assert_close(c, torch.cat([k, k[:, :, :1] * 2, k], -2))
+    torch.testing.assert_close(cv, torch.cat([k + 1, k[:, :, :1], k], -2))
+    cache.layers[0].reorder_cache(torch.tensor([1, 0]))
+    d, _ = cache.update(k[:, :, :1], k[:, :, :1], 0)
+    torch.testing.assert_close(d, torch.cat([c.flip(0), k[:, :, :1]], -2))
+    with pytest.raises(ValueError, match="max_cache_len"):
+        PreallocatedCache(1, 0)

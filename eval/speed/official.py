@@ -15,8 +15,9 @@ Rows (batch ``--batch``, 8 by default): Time-MoE forward 8x512, generate 512->96
 (forward + backward); DiT-MoE / ProMoE train step, eval forward, classifier-free-guidance forward (2B); MoFME train
 step and eval forward. Columns: official fp32, moezoo fp32, moezoo bf16 autocast, and with ``--compile`` moezoo
 fp32 under ``torch.compile`` (inductor). Two roofline lines give the fp32 and bf16 GEMM speed of this machine
-(2048x1536x1536), the upper bound of every fp32/bf16 ratio. Official adapters: ``time_moe`` (Time-MoE/Time-MoE);
-the other families run moezoo alone until an adapter is added to ``OFFICIAL``.
+(2048x1536x1536), the upper bound of every fp32/bf16 ratio. Official adapters: ``time_moe`` (Time-MoE/Time-MoE),
+``dit_moe`` (feizc/DiT-MoE ``models.py``); the other families run moezoo alone until an adapter is added to
+``OFFICIAL``.
 """
 from __future__ import annotations
 
@@ -145,13 +146,28 @@ def _train_and_eval(model, train_inputs: dict, eval_inputs: dict) -> dict:
     return {"train": train, "eval": evaluate}
 
 
+def dit_inputs(batch: int, channels: int, size: int, num_classes: int, null_id: int, seed: int) -> dict:
+    """DiT inputs both sides build alike (plain torch): ``sample``, ``timestep``, ``class_labels`` (the last sample
+    unconditional), ``target``; the same draws as ``MoezooDiTMoeModel.example_inputs``."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, channels, size, size)
+    ex = {"sample": torch.randn(shape, generator=g),
+          "timestep": torch.randint(0, 1000, (batch,), generator=g).float(),
+          "class_labels": torch.randint(0, num_classes, (batch,), generator=g)}
+    if batch >= 2:
+        ex["class_labels"][-1] = null_id
+    ex["target"] = torch.randn(shape, generator=g)
+    return ex
+
+
 def image_tasks(model, args, kind: str):
     B = args.batch
     g = torch.Generator().manual_seed(args.seed)
     if kind == "deweather":
         ex = model.example_inputs(batch_size=B, generator=g)
         return _train_and_eval(model, ex, {k: v for k, v in ex.items() if k not in ("labels", "target")})
-    ex = model.example_inputs(batch_size=B, generator=g)
+    c = model.config
+    ex = dit_inputs(B, c.in_channels, c.sample_size, c.num_classes, c.null_class_id, args.seed)
     eval_inputs = {k: v for k, v in ex.items() if k != "target"}
     cfg_inputs = {"sample": torch.cat([ex["sample"]] * 2), "timestep": torch.cat([ex["timestep"]] * 2),
                   "class_labels": torch.cat([ex["class_labels"],
@@ -175,7 +191,59 @@ FAMILIES = {
 }
 TINY_NAMES = {"time_moe": "time_moe_tiny_e4k2", "dit_moe": "dit_moe_tiny_e4k2", "promoe": "promoe_tiny_e4k1",
               "mofme": "deweather_mofme_tiny_e4k2"}
-OFFICIAL = {"time_moe": (time_moe_official_model, time_moe_moezoo_model)}
+# feizc/DiT-MoE ``models.DiT`` keyword arguments: DiT-S/2 with 8 experts, 2 active (``dit_moe_s2_e8k2``), and a tiny one
+DIT_MOE_S2 = dict(input_size=32, patch_size=2, in_channels=4, hidden_size=384, depth=12, num_heads=6, mlp_ratio=4,
+                  class_dropout_prob=0.1, num_classes=1000, num_experts=8, num_experts_per_tok=2, learn_sigma=True)
+DIT_MOE_TINY = dict(DIT_MOE_S2, input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=10, num_experts=4)
+
+
+def dit_moe_official_model(args):
+    sys.path.insert(0, args.official_src)
+    from models import DiT  # feizc/DiT-MoE models.py
+
+    torch.manual_seed(args.seed)
+    cfg = DIT_MOE_TINY if args.tiny else DIT_MOE_S2
+    return DiT(**cfg).eval(), cfg
+
+
+def dit_moe_moezoo_model(official_cfg, state_dict):
+    from moezoo.models.dit_moe.convert_dit_moe import load_model
+
+    return load_model(official_cfg, state_dict)
+
+
+def dit_moe_official_tasks(model, args, cfg: dict) -> dict:
+    """The official DiT's rows on the inputs moezoo gets: train = MSE on the first ``in_channels`` output channels
+    (+ its gates' auxiliary loss, which the official MoE adds in training) backward; eval; cfg (``forward_with_cfg``)."""
+    C = cfg["in_channels"]
+    ex = dit_inputs(args.batch, C, cfg["input_size"], cfg["num_classes"], cfg["num_classes"], args.seed)
+    x, t, y = ex["sample"], ex["timestep"], ex["class_labels"]
+    x2, t2 = torch.cat([x, x]), torch.cat([t, t])
+    y2 = torch.cat([y, torch.full_like(y, cfg["num_classes"])])
+
+    def train():
+        model.train()
+        try:
+            torch.nn.functional.mse_loss(model(x, t, y)[:, :C], ex["target"]).backward()
+        finally:
+            model.zero_grad(set_to_none=True)
+            model.eval()
+
+    def evaluate():
+        with torch.no_grad():
+            model(x, t, y)
+
+    def cfg_forward():
+        with torch.no_grad():
+            model.forward_with_cfg(x2, t2, y2, 4.0)
+
+    return {"train": train, "eval": evaluate, "cfg": cfg_forward}
+
+
+# family: (build the official model and its config, load its weights into moezoo, the official side's rows)
+OFFICIAL = {"time_moe": (time_moe_official_model, time_moe_moezoo_model,
+                         lambda model, args, cfg: time_moe_tasks(model, args, official=True)),
+            "dit_moe": (dit_moe_official_model, dit_moe_moezoo_model, dit_moe_official_tasks)}
 
 
 # ---------------------------------------------------------------------------------------------------------- worker
@@ -184,14 +252,14 @@ OFFICIAL = {"time_moe": (time_moe_official_model, time_moe_moezoo_model)}
 def worker(args) -> None:
     """The official side: build the model, write its weights, then run tasks on request (one line each)."""
     torch.set_num_threads(args.threads)
-    build, _ = OFFICIAL[args.family]
+    build, _, official_tasks = OFFICIAL[args.family]
     model, cfg = build(args)
     from safetensors.torch import save_file
 
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(sd, os.path.join(args.worker_dir, "official.safetensors"))
     Path(args.worker_dir, "official_config.json").write_text(json.dumps(cfg))
-    tasks = time_moe_tasks(model, args, official=True)
+    tasks = official_tasks(model, args, cfg)
     print("ready", flush=True)
     for line in sys.stdin:
         name = line.strip()
@@ -214,15 +282,24 @@ class OfficialProcess:
         # run from the checkout's parent so that this repository's moezoo is not what the worker imports
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
                                      cwd=tempfile.gettempdir())
-        line = self.proc.stdout.readline()
-        if line.strip() != "ready":
-            raise RuntimeError(f"the official worker did not start (got {line!r}); run it by hand to see why: "
-                               f"{' '.join(cmd)}")
+        said = []  # official code may print on import (e.g. feizc/DiT-MoE without flash_attn): skip until "ready"
+        for line in self.proc.stdout:
+            if line.strip() == "ready":
+                break
+            said.append(line)
+        else:
+            raise RuntimeError(f"the official worker did not start (it printed {''.join(said[-5:])!r}); run it by "
+                               f"hand to see why: {' '.join(cmd)}")
 
     def run(self, task: str) -> float:
         self.proc.stdin.write(task + "\n")
         self.proc.stdin.flush()
-        return float(self.proc.stdout.readline())
+        for line in self.proc.stdout:
+            try:
+                return float(line)
+            except ValueError:  # something the official code printed
+                continue
+        raise RuntimeError(f"the official worker stopped while running {task!r}")
 
     def close(self):
         try:
@@ -298,7 +375,7 @@ def main(argv=None) -> int:
         names = [t for t in tasks if not args.tasks or t in args.tasks.split(",")]
         variants = []  # (column, task name) -> callable
         for t in names:
-            if official is not None and t in ("forward", "generate", "train"):
+            if official is not None and t in ("forward", "generate", "train", "eval", "cfg"):
                 variants.append(("official fp32", t, lambda t=t: official.run(t)))
             variants.append(("moezoo fp32", t, lambda t=t: _timed(tasks[t])))
             if not args.no_bf16:

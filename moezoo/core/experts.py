@@ -382,10 +382,14 @@ def sort_by_expert(top_k_index: torch.Tensor, num_experts: int):
     """
     k = top_k_index.shape[-1]
     flat = top_k_index.reshape(-1)
-    sorted_ids, order = torch.sort(flat, stable=True)
-    counts = torch.bincount(sorted_ids.clamp(max=num_experts), minlength=num_experts + 1)[:num_experts]
-    n_valid = int(counts.sum())
-    order = order[:n_valid]
+    counts = torch.bincount(flat.clamp(max=num_experts), minlength=num_experts + 1)
+    n_sentinel = int(counts[num_experts])
+    counts = counts[:num_experts]
+    if n_sentinel:  # compact first: sentinel slots (dynamic-k padding, zero-FLOP experts) are not even sorted
+        pos = (flat < num_experts).nonzero().squeeze(-1)
+        order = pos[torch.sort(flat[pos], stable=True)[1]]
+    else:
+        order = torch.sort(flat, stable=True)[1]
     return order, order // k, counts, counts.cumsum(0).to(torch.int32)
 
 

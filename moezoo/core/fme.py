@@ -26,10 +26,45 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .experts import get_activation, sort_by_expert
+from .experts import get_activation, sort_by_expert, sort_by_expert_static
 from .routing import RouterOutput, build_router, router_parameters
 
 FME_IMPLEMENTATIONS = ("sparse", "dense")
+
+
+def _grouped_linear_forward(x, weight, bias, bounds):
+    out = x.new_empty(x.shape[0], weight.shape[1])
+    for e, s, t in bounds:
+        torch.addmm(bias[e], x[s:t], weight[e].t(), out=out[s:t])
+    return out
+
+
+def _grouped_linear_backward(grad, x, weight, bounds, needs=(True, True, True)):
+    grad = grad.contiguous()
+    gx = gw = gb = None
+    if needs[0]:
+        gx = torch.zeros_like(x)
+        for e, s, t in bounds:
+            torch.mm(grad[s:t], weight[e], out=gx[s:t])
+    if needs[1]:
+        gw = torch.zeros_like(weight)
+        for e, s, t in bounds:
+            torch.mm(grad[s:t].t(), x[s:t], out=gw[e])
+    if needs[2]:
+        gb = weight.new_zeros(weight.shape[0], weight.shape[1])
+        for e, s, t in bounds:
+            torch.sum(grad[s:t], dim=0, out=gb[e])
+    return gx, gw, gb
+
+
+def _bounds(counts) -> tuple:
+    """(expert, start, end) of the experts with rows, from per-expert row counts."""
+    bounds, start = [], 0
+    for e, c in enumerate(counts):
+        if c:
+            bounds.append((e, start, start + c))
+            start += c
+    return tuple(bounds)
 
 
 class _SortedGroupedLinear(torch.autograd.Function):
@@ -41,31 +76,51 @@ class _SortedGroupedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, bounds):
-        out = x.new_empty(x.shape[0], weight.shape[1])
-        for e, s, t in bounds:
-            torch.addmm(bias[e], x[s:t], weight[e].t(), out=out[s:t])
         ctx.save_for_backward(x, weight)
         ctx.bounds = bounds
-        return out
+        return _grouped_linear_forward(x, weight, bias, bounds)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        grad = grad.contiguous()
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = torch.zeros_like(x)
-            for e, s, t in ctx.bounds:
-                torch.mm(grad[s:t], weight[e], out=gx[s:t])
-        if ctx.needs_input_grad[1]:
-            gw = torch.zeros_like(weight)
-            for e, s, t in ctx.bounds:
-                torch.mm(grad[s:t].t(), x[s:t], out=gw[e])
-        if ctx.needs_input_grad[2]:
-            gb = weight.new_zeros(weight.shape[0], weight.shape[1])
-            for e, s, t in ctx.bounds:
-                torch.sum(grad[s:t], dim=0, out=gb[e])
+        gx, gw, gb = _grouped_linear_backward(grad, x, weight, ctx.bounds, ctx.needs_input_grad[:3])
         return gx, gw, gb, None
+
+
+# the compiled path: the same grouped product as an opaque custom op (static shapes; counts read inside the op)
+@torch.library.custom_op("moezoo::fme_grouped_linear", mutates_args=())
+def _grouped_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    return _grouped_linear_forward(x, weight, bias, _bounds(counts.tolist()))
+
+
+@_grouped_linear_op.register_fake
+def _(x, weight, bias, counts):
+    return x.new_empty(x.shape[0], weight.shape[1])
+
+
+@torch.library.custom_op("moezoo::fme_grouped_linear_backward", mutates_args=())
+def _grouped_linear_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                                counts: torch.Tensor) -> list[torch.Tensor]:
+    return list(_grouped_linear_backward(grad, x, weight, _bounds(counts.tolist())))
+
+
+@_grouped_linear_backward_op.register_fake
+def _(grad, x, weight, counts):
+    return [torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[:2])]
+
+
+def _grouped_linear_setup(ctx, inputs, output):
+    x, weight, _, counts = inputs
+    ctx.save_for_backward(x, weight, counts)
+
+
+def _grouped_linear_op_backward(ctx, grad):
+    x, weight, counts = ctx.saved_tensors
+    gx, gw, gb = _grouped_linear_backward_op(grad, x, weight, counts)
+    return gx, gw, gb, None
+
+
+_grouped_linear_op.register_autograd(_grouped_linear_op_backward, setup_context=_grouped_linear_setup)
 
 
 class FMEExperts(nn.Module):
@@ -149,18 +204,21 @@ class FMEExperts(nn.Module):
         """The core's sort-based dispatch (``sort_by_expert``), then each expert's FiLM product on its contiguous slice
         of the sorted features (:class:`_SortedGroupedLinear`: no padding, one weight-gradient buffer)."""
         E = self.num_experts
-        order, tok, counts, _ = sort_by_expert(idx, E)
-        if order.numel() == 0:
-            return torch.zeros_like(y) + 0.0 * self.film_proj.sum()  # keep the graph connected
-        ys = y.index_select(0, tok)  # (n, W), grouped by expert
-        bounds, start = [], 0
-        for e, c in enumerate(counts.tolist()):
-            if c:
-                bounds.append((e, start, start + c))
-                start += c
-        h = _SortedGroupedLinear.apply(ys, self.film_proj, self.film_proj_bias, tuple(bounds))
+        if torch.compiler.is_compiling():
+            # static shapes: every slot (sentinels on the last expert with weight 0), counts stay a tensor and the
+            # grouped product is the custom op moezoo::fme_grouped_linear (no graph break, no recompile per batch)
+            _, tok, ws, _, counts, _ = sort_by_expert_static(idx, w, E)
+            ys = y.index_select(0, tok)
+            h = _grouped_linear_op(ys, self.film_proj, self.film_proj_bias, counts)
+        else:
+            order, tok, counts, _ = sort_by_expert(idx, E)
+            if order.numel() == 0:
+                return torch.zeros_like(y) + 0.0 * self.film_proj.sum()  # keep the graph connected
+            ys = y.index_select(0, tok)  # (n, W), grouped by expert
+            h = _SortedGroupedLinear.apply(ys, self.film_proj, self.film_proj_bias, _bounds(counts.tolist()))
+            ws = w.reshape(-1)[order]
         scale, shift = h.chunk(2, dim=-1)
-        f = torch.addcmul(shift, scale, ys) * w.reshape(-1)[order].unsqueeze(-1)
+        f = torch.addcmul(shift, scale, ys) * ws.unsqueeze(-1)
         return torch.zeros_like(y).index_add(0, tok, f)
 
     def extra_repr(self) -> str:

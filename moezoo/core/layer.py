@@ -136,26 +136,25 @@ class MoELayer(nn.Module):
         idx, w = routing.indices, routing.weights
         E = self.num_ffn_experts
         routed = idx < E
-        if idx.shape[-1] > 1 and idx.device.type == "cpu" and not torch.compiler.is_compiling():
-            # dynamic-k routers (top-p) pad every token to the widest possible selection; slots that no token fills
-            # with an FFN expert (sentinel / zero-FLOP ids) would only add dispatch work, so the experts skip them
-            # (eager CPU only: the check is a host sync and a graph break; the static-shape kernel of accelerators and
-            # compiled graphs weights sentinel slots 0 itself)
-            live = routed.any(0)
-            if not bool(live.all()):
-                idx_e, w_e, routed_e = idx[:, live], w[:, live], routed[:, live]
-            else:
-                idx_e, w_e, routed_e = idx, w, routed
-        else:
-            idx_e, w_e, routed_e = idx, w, routed
         experts = _base_module(self.experts)
         impl = getattr(getattr(experts, "config", None), "_experts_implementation", None)
         # transformers' expert parallelism (``_is_expert_parallel``, set by its "grouped_gemm" style) counts tokens per
         # global expert id, so sentinels must not reach it (moezoo.core.parallel)
         if impl in _SENTINEL_AWARE and not getattr(experts, "_is_expert_parallel", False):
-            ridx = torch.where(routed_e, idx_e, E)
-            rw = w_e
+            # sentinel slots (dynamic-k padding, zero-FLOP experts) cost nothing there: the kernel compacts the
+            # selected (token, expert) pairs before sorting them (``sort_by_expert``)
+            ridx = torch.where(routed, idx, E)
+            rw = w
         else:  # transformers' kernels: point empty slots at expert 0 with weight 0
+            if idx.shape[-1] > 1 and idx.device.type == "cpu" and not torch.compiler.is_compiling():
+                # dynamic-k routers (top-p) pad every token to the widest possible selection; slots that no token
+                # fills with an FFN expert would be computed (weight 0) by these kernels, so drop them (eager CPU
+                # only: the check is a host sync and a graph break)
+                live = routed.any(0)
+                idx_e, w_e, routed_e = (idx, w, routed) if bool(live.all()) else (idx[:, live], w[:, live],
+                                                                                   routed[:, live])
+            else:
+                idx_e, w_e, routed_e = idx, w, routed
             ridx = torch.where(routed_e, idx_e, 0)
             rw = torch.where(routed_e, w_e, torch.zeros((), dtype=w.dtype, device=w.device))
         out = self.experts(xe, ridx, rw.to(xe.dtype))

@@ -50,8 +50,9 @@ def switch_balance_loss(router_outputs: RouterOutput | list[RouterOutput], *, nu
         if ro.num_experts != R:
             raise ValueError(f"all router_outputs must share num_experts; got {ro.num_experts} and {R}")
         probs = ro.probs.reshape(-1, R).float()
-        mask = token_mask_weights(attention_mask, probs.shape[0], device)
-        counts = counts + expert_counts(ro, attention_mask).to(device)
+        layer_mask = _with_token_mask(attention_mask, ro)
+        mask = token_mask_weights(layer_mask, probs.shape[0], device)
+        counts = counts + expert_counts(ro, layer_mask).to(device)
         if mask is None:
             prob_sum = prob_sum + probs.sum(0)
             n_tokens = n_tokens + probs.shape[0]
@@ -72,12 +73,32 @@ def switch_balance_loss(router_outputs: RouterOutput | list[RouterOutput], *, nu
     return (f * p).sum() * E
 
 
+def _with_token_mask(attention_mask, ro: RouterOutput):
+    """``attention_mask`` restricted to the tokens a router output covers: routers that route a subset of the tokens
+    with static shapes (the compiled path of ``UnconditionalRouter``) keep all rows and flag the covered ones in
+    ``extras["token_mask"]`` (T,); the losses then see exactly the tokens of the subset."""
+    tm = ro.extras.get("token_mask") if ro.extras else None
+    if tm is None:
+        return attention_mask
+    tm = tm.reshape(-1)
+    if attention_mask is None:
+        return tm
+    return token_mask_weights(attention_mask, tm.numel(), tm.device) * tm
+
+
 def router_z_loss(router_outputs: RouterOutput | list[RouterOutput]) -> torch.Tensor:
-    """ST-MoE router z-loss: mean over tokens of ``logsumexp(logits)^2``."""
+    """ST-MoE router z-loss: mean over tokens of ``logsumexp(logits)^2`` (tokens outside an output's
+    ``extras["token_mask"]`` left out)."""
     if isinstance(router_outputs, RouterOutput):
         router_outputs = [router_outputs]
     logits = torch.cat([ro.logits.reshape(-1, ro.logits.shape[-1]).float() for ro in router_outputs], 0)
-    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+    z = torch.logsumexp(logits, dim=-1).pow(2)
+    masks = [ro.extras.get("token_mask") for ro in router_outputs]
+    if all(m is None for m in masks):
+        return z.mean()
+    w = torch.cat([z.new_ones(ro.logits.reshape(-1, ro.logits.shape[-1]).shape[0]) if m is None
+                   else m.reshape(-1).to(z.dtype) for ro, m in zip(router_outputs, masks)])
+    return (z * w).sum() / w.sum().clamp_min(1.0)
 
 
 
@@ -445,26 +466,29 @@ def routing_contrastive_loss(prototypes: torch.Tensor, hidden_states: torch.Tens
         raise ValueError(f"indices hold {idx.shape[0]} tokens, hidden_states {x.shape[0]}")
     if not use_top_k:
         idx = idx[:, :1]
-    if token_mask is not None:
-        keep = token_mask.reshape(-1).to(device=x.device).bool()
-        if keep.numel() != x.shape[0]:
-            raise ValueError(f"token_mask has {keep.numel()} entries, expected one per token ({x.shape[0]})")
-        x, idx = x[keep], idx[keep.to(idx.device)]
     idx = idx.to(x.device)
     valid_slot = (idx >= 0) & (idx < E)
     assign = torch.zeros(x.shape[0], E + 1, dtype=x.dtype, device=x.device)
     assign.scatter_(1, torch.where(valid_slot, idx, E), 1.0)
     assign = assign[:, :E]  # (T, E) 1 if the token is assigned to the prototype (any slot)
+    if token_mask is not None:
+        keep = token_mask.reshape(-1).to(device=x.device)
+        if keep.numel() != x.shape[0]:
+            raise ValueError(f"token_mask has {keep.numel()} entries, expected one per token ({x.shape[0]})")
+        assign = assign * keep.to(assign.dtype)[:, None]
+    # static shapes (no host sync, compile-clean): every prototype takes part, the ones without tokens are masked out
+    # of the logits and the targets; with fewer than two valid prototypes the loss is 0
     counts = assign.sum(0)
     valid = counts > 0
-    if int(valid.sum()) < 2:
-        return prototypes.new_zeros(())
-    means = (assign.T @ x)[valid] / counts[valid, None]
-    centers = torch.nn.functional.normalize(prototypes[valid], p=2, dim=1)
+    means = (assign.T @ x) / counts.clamp_min(1.0)[:, None]
+    centers = torch.nn.functional.normalize(prototypes, p=2, dim=1)
     means = torch.nn.functional.normalize(means.to(centers.dtype), p=2, dim=1)
-    logits = centers @ means.T / temperature
-    target = torch.arange(logits.shape[0], device=logits.device)
-    return torch.nn.functional.cross_entropy(logits, target)
+    logits = (centers @ means.T / temperature).masked_fill(~valid[None, :], torch.finfo(centers.dtype).min)
+    target = torch.where(valid, torch.arange(E, device=logits.device), -100)
+    n_valid = valid.sum()
+    loss = torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum")
+    return torch.where(n_valid >= 2, loss / n_valid.clamp_min(1).to(loss.dtype), torch.zeros((), dtype=loss.dtype,
+                                                                                             device=loss.device))
 
 
 def router_supervision_loss(logits: torch.Tensor, labels: torch.Tensor, *, gamma: float = 0.0,

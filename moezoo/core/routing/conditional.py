@@ -390,6 +390,8 @@ class UnconditionalRouter(Router):
             null_tok = flat.repeat_interleave(per)
             sample_keep = ~flat
         keep = ~null_tok
+        if torch.compiler.is_compiling() and not self.base_uses_token_shape and self.routed_capacity is None:
+            return self._forward_static(x, null_tok, signals)
         cond_idx = keep.nonzero().squeeze(-1)
         lead = tuple(int(v) for v in token_shape) if token_shape is not None else None
         sub = {k: _subset_signal(v, T, lead, keep, sample_keep) for k, v in signals.items()}
@@ -432,6 +434,39 @@ class UnconditionalRouter(Router):
         return RouterOutput.from_selection(logits, probs, indices, weights, R, base.aux_loss, routed_output=base,
                                            routed_token_index=cond_idx, uncond_token_mask=null_tok,
                                            uncond_expert_id=E)
+
+
+    def _forward_static(self, x: torch.Tensor, null_tok: torch.Tensor, signals: dict) -> RouterOutput:
+        """The compiled path (no data-dependent shape): the wrapped router sees every token and the flagged tokens'
+        decisions are overwritten. Exact for per-token routers without a routed capacity (the only ones it is used
+        for): a routed token's decision does not depend on the other tokens. ``routed_output`` keeps all T rows with
+        ``extras["token_mask"]`` (T,) = routed tokens, which the balance / z / contrastive losses honour."""
+        T = x.shape[0]
+        keep = ~null_tok
+        base = self.route_tokens(x, **signals)
+        base = RouterOutput(base.logits, base.probs, base.indices, base.weights, base.experts_per_token,
+                            base.num_experts, base.aux_loss, {**base.extras, "token_mask": keep})
+        E, R, K = self.expert_id, base.num_experts + 1, base.indices.shape[-1]
+        nt = null_tok.unsqueeze(-1)
+        mapped = base.indices + (base.indices >= E).long()
+        first = torch.full_like(mapped, R)
+        first[:, 0] = E
+        indices = torch.where(nt, first, mapped)
+        w_first = torch.zeros_like(base.weights)
+        w_first[:, 0] = 1.0
+        weights = torch.where(nt, w_first, base.weights)
+
+        def widen(t: torch.Tensor, fill: float, null_value: float) -> torch.Tensor:
+            col = torch.full((T, 1), fill, dtype=t.dtype, device=t.device)
+            routed = torch.cat([t[:, :E], col, t[:, E:]], 1)
+            flagged = torch.full_like(routed, fill)
+            flagged[:, E] = null_value
+            return torch.where(nt, flagged, routed)
+
+        logits = widen(base.logits, torch.finfo(base.logits.dtype).min, 0.0)
+        probs = widen(base.probs, 0.0, 1.0)
+        return RouterOutput.from_selection(logits, probs, indices, weights, R, base.aux_loss, routed_output=base,
+                                           uncond_token_mask=null_tok, uncond_expert_id=E)
 
 
 _UNCONDITIONAL_CLASSES: dict[type, type] = {}

@@ -47,7 +47,8 @@ class PrototypeRouter(Router):
     def cosine(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(T, H) -> (T, E) cosine similarity to every prototype."""
         dt = self.router_dtype
-        return F.normalize(hidden_states.to(dt), p=2, dim=-1) @ F.normalize(self.weight.to(dt), p=2, dim=-1).T
+        with torch.autocast(hidden_states.device.type, enabled=False):  # under bf16 autocast it stays in router_dtype
+            return F.normalize(hidden_states.to(dt), p=2, dim=-1) @ F.normalize(self.weight.to(dt), p=2, dim=-1).T
 
     def forward(self, hidden_states: torch.Tensor, **_) -> RouterOutput:
         check_router_input(hidden_states, self.hidden_size)

@@ -161,8 +161,9 @@ class GatingResidualRouter(TopKRouter):
         if self.weight_in is None:
             return super().compute_logits(x)
         dt = self.router_dtype
-        h = torch.tanh(F.linear(x.to(dt), self.weight_in.to(dt)))
-        return F.linear(h, self.weight.to(dt), None if self.bias is None else self.bias.to(dt))
+        with torch.autocast(x.device.type, enabled=False):  # under bf16 autocast the router stays in router_dtype
+            h = torch.tanh(F.linear(x.to(dt), self.weight_in.to(dt)))
+            return F.linear(h, self.weight.to(dt), None if self.bias is None else self.bias.to(dt))
 
     def forward(self, hidden_states: torch.Tensor, gate_residual: torch.Tensor | None = None, **_) -> RouterOutput:
         check_router_input(hidden_states, self.hidden_size)

@@ -385,7 +385,8 @@ class MoezooDiTMoeModel(MoezooDiTMoePreTrainedModel):
             if "routed_token_index" in ro.extras:
                 x = x.index_select(0, ro.extras["routed_token_index"])
             loss = routing_contrastive_loss(protos[:E], x, base.indices, temperature=cfg.routing_contrastive_tau,
-                                            use_top_k=cfg.routing_contrastive_top_k)
+                                            use_top_k=cfg.routing_contrastive_top_k,
+                                            token_mask=base.extras.get("token_mask"))
             total = loss if total is None else total + loss
         return total
 

@@ -152,7 +152,7 @@ class DiTMoEPipeline(DiffusionPipeline):
     def __call__(self, class_labels, guidance_scale: float = 4.0, num_inference_steps: int = 50,
                  generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "pil",
                  cfg_channels: int | None = None, latents: torch.Tensor | None = None, return_dict: bool = True,
-                 transformer_output_callback=None):
+                 transformer_output_callback=None, autocast: torch.dtype | None = None):
         """Sample one image per entry of ``class_labels``.
 
         Args:
@@ -168,6 +168,9 @@ class DiTMoEPipeline(DiffusionPipeline):
             transformer_output_callback: ``fn(step_index, timestep, output, num_cond)`` called with every
                 transformer output (e.g. to collect ``router_logits`` per timestep; the first ``num_cond`` rows of
                 the batch are the conditional ones).
+            autocast: ``torch.bfloat16`` / ``torch.float16`` runs the transformer under ``torch.autocast`` (matmuls
+                in that dtype; routers, norms and softmax stay fp32), or None; the scheduler, guidance and latents
+                stay in the transformer's dtype.
 
         Returns:
             :class:`diffusers.ImagePipelineOutput` (or ``(images,)`` with ``return_dict=False``).
@@ -176,6 +179,8 @@ class DiTMoEPipeline(DiffusionPipeline):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         if not isinstance(num_inference_steps, int) or num_inference_steps <= 0:
             raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
+        if autocast not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"autocast must be torch.bfloat16, torch.float16 or None, got {autocast!r}")
         labels = self._check_class_labels(class_labels)
         cfg = self.transformer.config
         B, C, S = labels.numel(), int(cfg.in_channels), int(cfg.sample_size)
@@ -204,10 +209,12 @@ class DiTMoEPipeline(DiffusionPipeline):
             if hasattr(self.scheduler, "scale_model_input"):
                 model_in = self.scheduler.scale_model_input(model_in, t)
             t_batch = (t if torch.is_tensor(t) else torch.tensor(t)).to(device).reshape(1).expand(model_in.shape[0])
-            out = self.transformer(sample=model_in, timestep=t_batch, class_labels=class_in)
+            with torch.autocast(torch.device(device).type, dtype=autocast or torch.bfloat16,
+                                enabled=autocast is not None):
+                out = self.transformer(sample=model_in, timestep=t_batch, class_labels=class_in)
             if transformer_output_callback is not None:
                 transformer_output_callback(i, t, out, B)
-            pred = out.sample
+            pred = out.sample.to(latents.dtype)
             pred = apply_cfg(pred, guidance_scale, cfg_ch, C) if use_cfg else pred
             model_output = pred if pass_variance else pred[:, :C]
             latents = self.scheduler.step(model_output, t, latents, **step_kwargs).prev_sample

@@ -2,7 +2,8 @@
 
 Point embedding -> N x [RMSNorm -> RoPE attention -> RMSNorm -> MoELayer (or a dense SwiGLU MLP)] -> RMSNorm ->
 one linear head per horizon length. Attention goes through transformers' attention interface (sdpa / eager / ...),
-masks through ``transformers.masking_utils``, the KV cache is transformers' ``DynamicCache``. The FFN is
+masks through ``transformers.masking_utils``, the KV cache is transformers' ``DynamicCache`` (``generate`` pre-allocates
+it: :class:`moezoo.cache_compat.PreallocatedCache`). The FFN is
 :class:`moezoo.core.MoELayer` (softmax top-k router without renormalisation, 3-D SwiGLU experts, one sigmoid-gated
 shared expert); its experts follow ``model.set_experts_implementation(...)``.
 
@@ -24,7 +25,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
-from ...cache_compat import cache_kwargs, causal_mask, output_cache, resolve_cache
+from ...cache_compat import PreallocatedCache, cache_kwargs, causal_mask, output_cache, resolve_cache
 from ...core.experts import SharedExpert, get_activation
 from ...core import build_moe_layer
 from ...core.losses import switch_balance_loss
@@ -310,8 +311,8 @@ def ts_decode(model, input_ids: torch.Tensor, logits_processor=None, stopping_cr
     use_cache = model_kwargs.get("use_cache")
     use_cache = model.config.use_cache if use_cache is None else use_cache
     cache = resolve_cache(model_kwargs.get("cache"), model_kwargs.get("past_key_values")) if use_cache else None
-    if use_cache and cache is None:
-        cache = DynamicCache(config=model.config)
+    if use_cache and cache is None:  # the final length is known: keys and values are written in place, never concatenated
+        cache = PreallocatedCache(model.config.num_hidden_layers, max_length)
     mask = model_kwargs.get("attention_mask")
     past = cache.get_seq_length() if cache is not None else 0
     if past >= T:

@@ -169,3 +169,23 @@ def test_building_a_pipeline_registers_the_transformer_with_diffusers_loader(mod
     entry = plu.LOADABLE_CLASSES[MoezooDiTMoeModel.__module__]
     assert entry == {"MoezooPreTrainedModel": ["save_pretrained", "from_pretrained"]}
     assert "MoezooPreTrainedModel" in plu.ALL_IMPORTABLE_CLASSES
+
+
+@pytest.mark.parametrize("name", ["dit_moe_tiny_e4k2", "promoe_tiny_e4k1"])
+def test_bf16_autocast_sampling_is_close_to_fp32_and_routers_stay_fp32(name):
+    torch.manual_seed(0)
+    model = moezoo.create_model(name, tiny=True).eval()
+    pipe = _pipe(model, "ddim")
+    seen = []
+    run = lambda **kw: pipe([1, 2], num_inference_steps=3, guidance_scale=2.0, output_type="latent",  # noqa: E731
+                            generator=torch.Generator().manual_seed(0), **kw).images
+    ref = run()
+    got = run(autocast=torch.bfloat16,
+              transformer_output_callback=lambda i, t, out, n: seen.append((out.sample.dtype, out.router_outputs)))
+    assert got.dtype == ref.dtype == torch.float32
+    assert seen and all(dt == torch.bfloat16 for dt, _ in seen)  # the transformer did run in bf16
+    assert all(ro.logits.dtype == torch.float32 for _, ros in seen for ro in ros)
+    err = (got - ref).abs().max().item()
+    assert 0 < err < 0.05 * ref.abs().max().item(), err
+    with pytest.raises(ValueError, match="autocast"):
+        run(autocast=torch.int8)
