@@ -283,6 +283,8 @@ def _run_benchmark(cfg: BenchmarkConfig, printer) -> dict:
                 f"({len(ts_train)} windows in the train split)")
         trainer, res = train_model(model, ts_train, _trainer_cfg(cfg, out / "train" / name, cfg.learning_rate,
                                                                  cfg.weight_decay))
+        if getattr(model.config, "context_window", None) is None:   # trained on windows of train_window points:
+            model.config.context_window = train_window               # forecasts roll on within them
         return {"steps": res["step"], "loss_first": res["losses"][0], "loss_last": res["losses"][-1],
                 "seconds": round(time.time() - t, 1), "checkpoint": res["checkpoint"], "window": train_window,
                 "routing_plots": res["routing_plots"]}
