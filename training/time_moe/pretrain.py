@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude-csv", nargs="*", default=None, help="files never trained on (default: every "
                    "../shared/data/ett/ETT*.csv)")
     for name in ("window_length", "stride", "steps", "batch_size", "warmup_steps", "eval_every", "max_val_windows",
-                 "seed", "threads"):
+                 "seed", "threads", "synthetic_series", "synthetic_length", "synthetic_seed", "save_every"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("learning_rate", "weight_decay", "min_lr_ratio", "val_fraction"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
@@ -77,7 +77,9 @@ def main(argv=None) -> dict:
         window_length=args.window_length, stride=args.stride, steps=args.steps, batch_size=args.batch_size,
         learning_rate=args.learning_rate, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
         min_lr_ratio=args.min_lr_ratio, val_fraction=args.val_fraction, eval_every=args.eval_every,
-        max_val_windows=args.max_val_windows, seed=args.seed, threads=args.threads, progress=not args.no_progress)
+        max_val_windows=args.max_val_windows, seed=args.seed, threads=args.threads, progress=not args.no_progress,
+        synthetic_series=args.synthetic_series, synthetic_length=args.synthetic_length,
+        synthetic_seed=args.synthetic_seed, save_every=args.save_every)
     return run_pretrain(cfg)
 
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 __all__ = ["CorpusSeries", "Corpus", "SOURCES", "load_source", "build_corpus", "PackedWindowDataset", "packed_loss",
-           "split_corpus", "ETT_NAME_RE"]
+           "split_corpus", "ETT_NAME_RE", "kernel_synth", "KERNEL_SYNTH_PERIODS"]
 
 ETT_NAME_RE = re.compile(r"(^|[^a-z])ett([hm][12])?([^a-z]|$)", re.IGNORECASE)
 
@@ -275,6 +275,82 @@ def split_corpus(corpus: Corpus, val_fraction: float = 0.02, seed: int = 0) -> t
     tr = [s for i, s in enumerate(corpus.series) if i not in val]
     va = [s for i, s in enumerate(corpus.series) if i in val]
     return Corpus(tr, dict(corpus.report)), Corpus(va, dict(corpus.report))
+
+
+# ----------------------------------------------------------------------------------------------------------- synthetic
+# periods in points: hourly (daily 24, 12, 48, weekly 168), daily (weekly 7, monthly 30, yearly 365), monthly 12,
+# quarterly 4, weekly 52, minute-like 60/96, and a few short ones (Chronos' KernelSynth bank, in points)
+KERNEL_SYNTH_PERIODS = (4, 6, 7, 12, 14, 24, 30, 48, 52, 60, 96, 168, 336, 365)
+
+
+def _kernel_bank(t: np.ndarray, rng: np.random.Generator) -> tuple[str, np.ndarray]:
+    """One random base kernel (Gram matrix over ``t``) of KernelSynth's bank: periodic (ExpSineSquared), RBF,
+    rational quadratic, linear (DotProduct), constant or white noise."""
+    d = t[:, None] - t[None, :]
+    n = len(t)
+    kind = rng.choice(["periodic", "periodic", "periodic", "rbf", "rq", "linear", "const", "white"])
+    if kind == "periodic":
+        p = float(rng.choice(KERNEL_SYNTH_PERIODS))
+        ls = float(rng.choice([0.5, 1.0, 2.0]))
+        return f"per{p:g}", np.exp(-2.0 * np.sin(np.pi * np.abs(d) / p) ** 2 / ls ** 2)
+    if kind == "rbf":
+        ls = float(rng.choice([0.05, 0.1, 0.3, 1.0])) * n
+        return "rbf", np.exp(-0.5 * (d / ls) ** 2)
+    if kind == "rq":
+        ls = float(rng.choice([0.05, 0.1, 0.3])) * n
+        alpha = float(rng.choice([0.1, 1.0, 10.0]))
+        return "rq", (1.0 + d ** 2 / (2 * alpha * ls ** 2)) ** -alpha
+    if kind == "linear":
+        u = t / n
+        return "lin", float(rng.uniform(0.0, 1.0)) + np.outer(u, u)
+    if kind == "const":
+        return "const", np.full((n, n), float(rng.uniform(0.1, 1.0)))
+    return "white", np.eye(n) * float(rng.choice([0.01, 0.1, 0.5]))
+
+
+def kernel_synth(num_series: int, length: int = 1024, *, max_kernels: int = 5, seed: int = 0) -> list[CorpusSeries]:
+    """Synthetic Gaussian-process series (KernelSynth of Chronos, Ansari et al. 2024), ``source="kernelsynth"``.
+
+    Each series draws 1..``max_kernels`` base kernels from :func:`_kernel_bank` (periods of
+    :data:`KERNEL_SYNTH_PERIODS`, RBF, rational quadratic, linear, constant, white noise), combines them one by one
+    with ``+`` or ``*`` (random), and samples one path of ``length`` points from the zero-mean GP with that covariance.
+    Generated here from ``seed`` (no data file, nothing from ETT): long, periodic, trending series that the
+    competition sets (mostly short yearly/quarterly/monthly series) lack.
+    """
+    if not isinstance(num_series, int) or num_series < 0:
+        raise ValueError(f"num_series must be an int >= 0, got {num_series!r}")
+    if not isinstance(length, int) or length < 16:
+        raise ValueError(f"length must be an int >= 16, got {length!r}")
+    rng = np.random.default_rng(seed)
+    t = np.arange(length, dtype=np.float64)
+    out = []
+    for i in range(num_series):
+        names, k = [], None
+        while k is None or all(n.lstrip("+*") in ("const", "white") for n in names):  # some structure in every one
+            names, k = [], None
+            for _ in range(int(rng.integers(1, max_kernels + 1))):
+                name, g = _kernel_bank(t, rng)
+                if k is None:
+                    k = g
+                elif rng.random() < 0.5:
+                    k, name = k + g, "+" + name
+                else:
+                    k, name = k * g, "*" + name
+                names.append(name)
+        z = rng.standard_normal(length)
+        for jitter in (1e-6, 1e-4, 1e-2):            # sums/products of kernels can be numerically singular
+            try:
+                x = np.linalg.cholesky(k + jitter * np.eye(length)) @ z
+                break
+            except np.linalg.LinAlgError:
+                continue
+        else:
+            w, v = np.linalg.eigh(k)
+            x = v @ (np.sqrt(np.clip(w, 0.0, None)) * z)
+        if np.ptp(x) < 1e-6:
+            x = x + 0.1 * rng.standard_normal(length)
+        out.append(CorpusSeries(f"kernelsynth:{i}:{''.join(names)}", x, "kernelsynth"))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------- packing
