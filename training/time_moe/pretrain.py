@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("window_length", "stride", "steps", "batch_size", "warmup_steps", "eval_every", "max_val_windows",
                  "seed", "threads", "synthetic_series", "synthetic_length", "synthetic_seed", "save_every"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    for name in ("learning_rate", "weight_decay", "min_lr_ratio", "val_fraction"):
+    for name in ("learning_rate", "weight_decay", "min_lr_ratio", "val_fraction", "stats_fraction"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--curves", nargs="*", default=None, help="only plot: pretrain output folders to compare")
@@ -79,7 +79,7 @@ def main(argv=None) -> dict:
         min_lr_ratio=args.min_lr_ratio, val_fraction=args.val_fraction, eval_every=args.eval_every,
         max_val_windows=args.max_val_windows, seed=args.seed, threads=args.threads, progress=not args.no_progress,
         synthetic_series=args.synthetic_series, synthetic_length=args.synthetic_length,
-        synthetic_seed=args.synthetic_seed, save_every=args.save_every)
+        synthetic_seed=args.synthetic_seed, save_every=args.save_every, stats_fraction=args.stats_fraction)
     return run_pretrain(cfg)
 
 

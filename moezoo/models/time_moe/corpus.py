@@ -354,9 +354,11 @@ def kernel_synth(num_series: int, length: int = 1024, *, max_kernels: int = 5, s
 
 
 # ----------------------------------------------------------------------------------------------------------- packing
-def _znorm(v: np.ndarray) -> np.ndarray:
-    std = v.std(ddof=1) if len(v) > 1 else 0.0
-    return ((v - v.mean()) / (std if std >= 1e-8 else 1.0)).astype(np.float32)
+def _znorm(v: np.ndarray, stats_fraction: float = 1.0) -> np.ndarray:
+    """z-score ``v`` with the mean and std of its first ``ceil(stats_fraction * len(v))`` points (at least 2)."""
+    ref = v[: max(2, int(np.ceil(stats_fraction * len(v))))]
+    std = ref.std(ddof=1) if len(ref) > 1 else 0.0
+    return ((v - ref.mean()) / (std if std >= 1e-8 else 1.0)).astype(np.float32)
 
 
 class PackedWindowDataset(Dataset):
@@ -364,13 +366,18 @@ class PackedWindowDataset(Dataset):
 
     Every series is cut into chunks of ``window_length + 1`` points starting every ``stride`` points (default: the
     chunk length, no overlap; the last chunk ends at the series end); chunks shorter than ``min_points`` are dropped.
-    Each chunk is z-scored with its own mean and std. Full chunks fill a window alone; shorter ones are packed
+    Each chunk is z-scored with the mean and std of its first ``stats_fraction`` (default all of it, the paper's
+    per-sequence normalisation). With 1.0 the statistics include the points the chunk's last positions must
+    forecast: every training chunk then has mean 0 and std 1 by construction, which teaches the model to pull its
+    forecasts back to the window mean (a context normalised at inference carries no such constraint on its future).
+    A fraction < 1 (e.g. 0.5) leaves the later part of each chunk free. Full chunks fill a window alone; shorter ones are packed
     first-fit decreasing into windows of ``window_length + 1`` points. Items: ``input_ids`` / ``labels`` (points 0..L-1
     / 1..L), ``loss_masks`` (1 where the label is a real point), ``segment_ids`` (L + 1,) int64 (1, 2, ... per packed
     chunk, 0 = padding) for :func:`packed_loss`.
     """
 
-    def __init__(self, series: Sequence, window_length: int, stride: int | None = None, min_points: int = 8):
+    def __init__(self, series: Sequence, window_length: int, stride: int | None = None, min_points: int = 8,
+                 stats_fraction: float = 1.0):
         if not isinstance(window_length, int) or window_length < 2:
             raise ValueError(f"window_length must be an int >= 2, got {window_length!r}")
         span = window_length + 1
@@ -379,6 +386,8 @@ class PackedWindowDataset(Dataset):
             raise ValueError(f"stride must be a positive int, got {stride!r}")
         if min_points < 2:
             raise ValueError(f"min_points must be >= 2, got {min_points}")
+        if not 0 < stats_fraction <= 1:
+            raise ValueError(f"stats_fraction must be in (0, 1], got {stats_fraction!r}")
         chunks = []
         for s in series:
             v = np.asarray(s.values if isinstance(s, CorpusSeries) else s, dtype=np.float64)
@@ -393,7 +402,7 @@ class PackedWindowDataset(Dataset):
             for o in starts:
                 c = v[o: o + span]
                 if len(c) >= min_points:
-                    chunks.append(_znorm(c))
+                    chunks.append(_znorm(c, stats_fraction))
         if not chunks:
             raise ValueError(f"no series has at least {min_points} points")
         bins: list[list[int]] = []

@@ -61,6 +61,7 @@ class PretrainConfig:
     synthetic_series: int = 0                 # KernelSynth series added to the training part only (never held out)
     synthetic_length: int = 1026
     synthetic_seed: int = 0
+    stats_fraction: float = 1.0               # z-score each chunk by its first fraction (PackedWindowDataset)
     save_every: int | None = None             # also keep a checkpoint (train/checkpoint-<step>/) every this many steps
 
     def __post_init__(self):
@@ -153,7 +154,8 @@ def run_pretrain(cfg: PretrainConfig, printer=print) -> dict:
         if synth:
             printer(f"kernelsynth: {len(synth)} synthetic series x {cfg.synthetic_length} points added to training "
                     f"({time.time() - t0:.0f} s)")
-        train_ds = PackedWindowDataset(list(train_c.series) + synth, cfg.window_length, stride=cfg.stride)
+        train_ds = PackedWindowDataset(list(train_c.series) + synth, cfg.window_length, stride=cfg.stride,
+                                       stats_fraction=cfg.stats_fraction)
         val_ds = PackedWindowDataset(val_c.series, cfg.window_length)
         printer(f"corpus built in {time.time() - t0:.0f} s: {len(train_c.series)} train series -> {len(train_ds)} "
                 f"packed windows of {cfg.window_length} (fill {train_ds.fill:.3f}); {len(val_c.series)} held-out "

@@ -97,6 +97,23 @@ def test_kernel_synth_series_are_seeded_periodic_and_separately_labelled():
         kernel_synth(2, 8)
 
 
+def test_packed_windows_prefix_statistics():
+    """stats_fraction=0.5 z-scores a chunk by its first half only, so its second half (what the last positions
+    forecast) is not forced to mean 0 / std 1; the default uses the whole chunk."""
+    rng = np.random.default_rng(0)
+    v = np.cumsum(rng.standard_normal(65)) + 10.0
+    full = PackedWindowDataset([v], 64)[0]
+    half = PackedWindowDataset([v], 64, stats_fraction=0.5)[0]
+    xf = np.concatenate([full["input_ids"][:1].numpy(), full["labels"].numpy()])
+    xh = np.concatenate([half["input_ids"][:1].numpy(), half["labels"].numpy()])
+    assert abs(xf.mean()) < 1e-5 and abs(xf.std(ddof=1) - 1) < 1e-5
+    assert abs(xh[:33].mean()) < 1e-5 and abs(xh[:33].std(ddof=1) - 1) < 1e-5
+    assert abs(xh[33:].mean()) > 0.5                      # a random walk drifts away from its first half
+    assert np.allclose(xh, (v - v[:33].mean()) / v[:33].std(ddof=1), atol=1e-5)
+    with pytest.raises(ValueError, match="stats_fraction"):
+        PackedWindowDataset([v], 64, stats_fraction=0.0)
+
+
 def test_packed_windows_keep_series_apart():
     rng = np.random.default_rng(1)
     lens = [30, 20, 45, 12, 5, 70]
