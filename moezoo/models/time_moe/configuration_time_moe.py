@@ -39,6 +39,15 @@ class MoezooTimeMoeConfig(MoezooConfig):
             so that ``moezoo parity`` reproduces the official loss). With ``loss_masks`` both agree.
         use_dense, dense_intermediate_size: dense SwiGLU FFN instead of MoE (width default ``intermediate_size``).
         router_aux_loss_coef: weight of the switch balance loss (the official ``router_aux_loss_factor`` = 0.02).
+        embedding_initializer_range: std of the normal init of the point embedding's two ``Linear(input_size,
+            hidden)`` layers (default 1.0 = 1/sqrt(fan_in) for one channel); ``None`` uses ``initializer_range`` as the
+            official code does. Only fresh weights depend on it. With the official 0.02 the embedding
+            ``silu(a x) * b x ~ (a b / 2) x^2`` is almost blind to the sign of x at init (the odd term is ~100x
+            smaller), so small-budget training sits for many steps on the context-mean forecast.
+        context_window: the longest sequence (context + points forecast so far) that ``model.forecast`` lets the
+            model attend over; longer forecasts roll on, re-encoding only the most recent points (see
+            :func:`moezoo.models.time_moe.forecasting.forecast`). ``None`` (official, default): no limit. Models
+            trained here on windows of W points store W: beyond W the model meets query-key distances it never saw.
 
     Defaults are the released Time-MoE-50M (``time_moe_50m``).
     """
@@ -85,6 +94,8 @@ class MoezooTimeMoeConfig(MoezooConfig):
     num_shared_experts: int = 1
     shared_intermediate_size: int | None = None
     shared_expert_gate: bool = True
+    embedding_initializer_range: float | None = 1.0
+    context_window: int | None = None
 
     def __post_init__(self, **kwargs):
         for name in ("input_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -123,6 +134,12 @@ class MoezooTimeMoeConfig(MoezooConfig):
             raise ValueError(f"dense_intermediate_size must be a positive int, got {self.dense_intermediate_size!r}")
         if self.label_padding not in LABEL_PADDING:
             raise ValueError(f"label_padding must be one of {LABEL_PADDING}, got {self.label_padding!r}")
+        cw = self.context_window
+        if cw is not None and (isinstance(cw, bool) or not isinstance(cw, int) or cw < 2):
+            raise ValueError(f"context_window must be an int >= 2 or None, got {cw!r}")
+        eir = self.embedding_initializer_range
+        if eir is not None and (isinstance(eir, bool) or not isinstance(eir, (int, float)) or not eir > 0):
+            raise ValueError(f"embedding_initializer_range must be a positive number or None, got {eir!r}")
         if not self.huber_delta > 0:
             raise ValueError(f"huber_delta must be > 0, got {self.huber_delta!r}")
         super().__post_init__(**kwargs)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 __all__ = ["CorpusSeries", "Corpus", "SOURCES", "load_source", "build_corpus", "PackedWindowDataset", "packed_loss",
-           "split_corpus", "ETT_NAME_RE"]
+           "split_corpus", "ETT_NAME_RE", "kernel_synth", "KERNEL_SYNTH_PERIODS"]
 
 ETT_NAME_RE = re.compile(r"(^|[^a-z])ett([hm][12])?([^a-z]|$)", re.IGNORECASE)
 
@@ -277,10 +277,88 @@ def split_corpus(corpus: Corpus, val_fraction: float = 0.02, seed: int = 0) -> t
     return Corpus(tr, dict(corpus.report)), Corpus(va, dict(corpus.report))
 
 
+# ----------------------------------------------------------------------------------------------------------- synthetic
+# periods in points: hourly (daily 24, 12, 48, weekly 168), daily (weekly 7, monthly 30, yearly 365), monthly 12,
+# quarterly 4, weekly 52, minute-like 60/96, and a few short ones (Chronos' KernelSynth bank, in points)
+KERNEL_SYNTH_PERIODS = (4, 6, 7, 12, 14, 24, 30, 48, 52, 60, 96, 168, 336, 365)
+
+
+def _kernel_bank(t: np.ndarray, rng: np.random.Generator) -> tuple[str, np.ndarray]:
+    """One random base kernel (Gram matrix over ``t``) of KernelSynth's bank: periodic (ExpSineSquared), RBF,
+    rational quadratic, linear (DotProduct), constant or white noise."""
+    d = t[:, None] - t[None, :]
+    n = len(t)
+    kind = rng.choice(["periodic", "periodic", "periodic", "rbf", "rq", "linear", "const", "white"])
+    if kind == "periodic":
+        p = float(rng.choice(KERNEL_SYNTH_PERIODS))
+        ls = float(rng.choice([0.5, 1.0, 2.0]))
+        return f"per{p:g}", np.exp(-2.0 * np.sin(np.pi * np.abs(d) / p) ** 2 / ls ** 2)
+    if kind == "rbf":
+        ls = float(rng.choice([0.05, 0.1, 0.3, 1.0])) * n
+        return "rbf", np.exp(-0.5 * (d / ls) ** 2)
+    if kind == "rq":
+        ls = float(rng.choice([0.05, 0.1, 0.3])) * n
+        alpha = float(rng.choice([0.1, 1.0, 10.0]))
+        return "rq", (1.0 + d ** 2 / (2 * alpha * ls ** 2)) ** -alpha
+    if kind == "linear":
+        u = t / n
+        return "lin", float(rng.uniform(0.0, 1.0)) + np.outer(u, u)
+    if kind == "const":
+        return "const", np.full((n, n), float(rng.uniform(0.1, 1.0)))
+    return "white", np.eye(n) * float(rng.choice([0.01, 0.1, 0.5]))
+
+
+def kernel_synth(num_series: int, length: int = 1024, *, max_kernels: int = 5, seed: int = 0) -> list[CorpusSeries]:
+    """Synthetic Gaussian-process series (KernelSynth of Chronos, Ansari et al. 2024), ``source="kernelsynth"``.
+
+    Each series draws 1..``max_kernels`` base kernels from :func:`_kernel_bank` (periods of
+    :data:`KERNEL_SYNTH_PERIODS`, RBF, rational quadratic, linear, constant, white noise), combines them one by one
+    with ``+`` or ``*`` (random), and samples one path of ``length`` points from the zero-mean GP with that covariance.
+    Generated here from ``seed`` (no data file, nothing from ETT): long, periodic, trending series that the
+    competition sets (mostly short yearly/quarterly/monthly series) lack.
+    """
+    if not isinstance(num_series, int) or num_series < 0:
+        raise ValueError(f"num_series must be an int >= 0, got {num_series!r}")
+    if not isinstance(length, int) or length < 16:
+        raise ValueError(f"length must be an int >= 16, got {length!r}")
+    rng = np.random.default_rng(seed)
+    t = np.arange(length, dtype=np.float64)
+    out = []
+    for i in range(num_series):
+        names, k = [], None
+        while k is None or all(n.lstrip("+*") in ("const", "white") for n in names):  # some structure in every one
+            names, k = [], None
+            for _ in range(int(rng.integers(1, max_kernels + 1))):
+                name, g = _kernel_bank(t, rng)
+                if k is None:
+                    k = g
+                elif rng.random() < 0.5:
+                    k, name = k + g, "+" + name
+                else:
+                    k, name = k * g, "*" + name
+                names.append(name)
+        z = rng.standard_normal(length)
+        for jitter in (1e-6, 1e-4, 1e-2):            # sums/products of kernels can be numerically singular
+            try:
+                x = np.linalg.cholesky(k + jitter * np.eye(length)) @ z
+                break
+            except np.linalg.LinAlgError:
+                continue
+        else:
+            w, v = np.linalg.eigh(k)
+            x = v @ (np.sqrt(np.clip(w, 0.0, None)) * z)
+        if np.ptp(x) < 1e-6:
+            x = x + 0.1 * rng.standard_normal(length)
+        out.append(CorpusSeries(f"kernelsynth:{i}:{''.join(names)}", x, "kernelsynth"))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------- packing
-def _znorm(v: np.ndarray) -> np.ndarray:
-    std = v.std(ddof=1) if len(v) > 1 else 0.0
-    return ((v - v.mean()) / (std if std >= 1e-8 else 1.0)).astype(np.float32)
+def _znorm(v: np.ndarray, stats_fraction: float = 1.0) -> np.ndarray:
+    """z-score ``v`` with the mean and std of its first ``ceil(stats_fraction * len(v))`` points (at least 2)."""
+    ref = v[: max(2, int(np.ceil(stats_fraction * len(v))))]
+    std = ref.std(ddof=1) if len(ref) > 1 else 0.0
+    return ((v - ref.mean()) / (std if std >= 1e-8 else 1.0)).astype(np.float32)
 
 
 class PackedWindowDataset(Dataset):
@@ -288,13 +366,18 @@ class PackedWindowDataset(Dataset):
 
     Every series is cut into chunks of ``window_length + 1`` points starting every ``stride`` points (default: the
     chunk length, no overlap; the last chunk ends at the series end); chunks shorter than ``min_points`` are dropped.
-    Each chunk is z-scored with its own mean and std. Full chunks fill a window alone; shorter ones are packed
+    Each chunk is z-scored with the mean and std of its first ``stats_fraction`` (default all of it, the paper's
+    per-sequence normalisation). With 1.0 the statistics include the points the chunk's last positions must
+    forecast: every training chunk then has mean 0 and std 1 by construction, which teaches the model to pull its
+    forecasts back to the window mean (a context normalised at inference carries no such constraint on its future).
+    A fraction < 1 (e.g. 0.5) leaves the later part of each chunk free. Full chunks fill a window alone; shorter ones are packed
     first-fit decreasing into windows of ``window_length + 1`` points. Items: ``input_ids`` / ``labels`` (points 0..L-1
     / 1..L), ``loss_masks`` (1 where the label is a real point), ``segment_ids`` (L + 1,) int64 (1, 2, ... per packed
     chunk, 0 = padding) for :func:`packed_loss`.
     """
 
-    def __init__(self, series: Sequence, window_length: int, stride: int | None = None, min_points: int = 8):
+    def __init__(self, series: Sequence, window_length: int, stride: int | None = None, min_points: int = 8,
+                 stats_fraction: float = 1.0):
         if not isinstance(window_length, int) or window_length < 2:
             raise ValueError(f"window_length must be an int >= 2, got {window_length!r}")
         span = window_length + 1
@@ -303,6 +386,8 @@ class PackedWindowDataset(Dataset):
             raise ValueError(f"stride must be a positive int, got {stride!r}")
         if min_points < 2:
             raise ValueError(f"min_points must be >= 2, got {min_points}")
+        if not 0 < stats_fraction <= 1:
+            raise ValueError(f"stats_fraction must be in (0, 1], got {stats_fraction!r}")
         chunks = []
         for s in series:
             v = np.asarray(s.values if isinstance(s, CorpusSeries) else s, dtype=np.float64)
@@ -317,7 +402,7 @@ class PackedWindowDataset(Dataset):
             for o in starts:
                 c = v[o: o + span]
                 if len(c) >= min_points:
-                    chunks.append(_znorm(c))
+                    chunks.append(_znorm(c, stats_fraction))
         if not chunks:
             raise ValueError(f"no series has at least {min_points} points")
         bins: list[list[int]] = []

@@ -14,6 +14,14 @@ Each series is normalised with its own mean and standard deviation (unbiased, as
 constant or one-point series uses std 1), forecast autoregressively with :meth:`generate` (KV cache; each step uses
 the largest horizon head that does not overshoot), and de-normalised. Results are float64 numpy arrays.
 
+**Rolling window** (``context_window``, default ``model.config.context_window``; None = off, the official
+behaviour): a model trained on windows of W points has never attended over a query-key distance of W or more. When
+context + prediction_length exceeds W, the forecast is made in rounds of ``rolling_step`` points (default W // 4):
+each round forecasts from the last ``W - rolling_step`` points (the context, then the points already forecast), so
+the sequence the model sees never exceeds W. Normalisation statistics stay those of the given context. The default
+step is the multiple of the largest horizon head nearest below W / 4 (at least one head): shorter steps mean more,
+shorter autoregressive steps and more error build-up.
+
 Bad input raises a ValueError/TypeError naming the series: empty series, non-numeric values, infinities, NaNs (with
 ``nan_policy="raise"``, the default; ``"interpolate"`` fills interior NaNs linearly and leading/trailing ones with the
 nearest value), or a context longer than ``max_position_embeddings`` (pass ``max_context_length`` to keep only the
@@ -134,9 +142,43 @@ def prepare_series(context, *, max_context_length: int | None, max_position_embe
     return out, kind
 
 
+def _check_window(context_window, rolling_step, max_horizon: int) -> tuple[int | None, int | None]:
+    if context_window is None:
+        return None, None
+    if isinstance(context_window, bool) or not isinstance(context_window, int) or context_window < 2:
+        raise ValueError(f"context_window must be an int >= 2 or None, got {context_window!r}")
+    if rolling_step is None:   # a multiple of the largest head (fewer, longer autoregressive steps), ~ W / 4
+        rolling_step = max(max_horizon, context_window // 4 // max_horizon * max_horizon)
+        rolling_step = min(rolling_step, context_window - 1)
+    if isinstance(rolling_step, bool) or not isinstance(rolling_step, int) or not 1 <= rolling_step < context_window:
+        raise ValueError(f"rolling_step must be an int in [1, context_window={context_window}), got {rolling_step!r}")
+    return context_window, rolling_step
+
+
+def decode(model, x: torch.Tensor, prediction_length: int, *, context_window: int | None = None,
+           rolling_step: int | None = None, use_cache: bool = True, autocast: torch.dtype | None = None
+           ) -> torch.Tensor:
+    """(B, T) normalised contexts -> (B, prediction_length) forecasts with :meth:`generate`; with ``context_window``
+    W, in rounds of ``rolling_step`` points that each see at most W points (see the module docstring)."""
+    window, step = _check_window(context_window, rolling_step, model.config.max_horizon_length)
+    if window is None or x.shape[1] + prediction_length <= window:
+        return model.generate(x, max_new_tokens=prediction_length, use_cache=use_cache,
+                              autocast=autocast)[:, -prediction_length:]
+    hist, out, done = x, [], 0
+    while done < prediction_length:
+        k = min(step, prediction_length - done)
+        new = model.generate(hist[:, -(window - k):], max_new_tokens=k, use_cache=use_cache,
+                             autocast=autocast)[:, -k:].to(hist.dtype)
+        hist = torch.cat([hist[:, -window:], new], dim=1)
+        out.append(new)
+        done += k
+    return torch.cat(out, dim=1)
+
+
 def forecast(model, context, prediction_length: int, *, normalize: bool = True, batch_size: int = 32,
              max_context_length: int | None = None, nan_policy: str = "raise", use_cache: bool = True,
-             progress: bool | None = None, autocast: torch.dtype | None = None):
+             progress: bool | None = None, autocast: torch.dtype | None = None, context_window="config",
+             rolling_step: int | None = None):
     """Forecast ``prediction_length`` points after each series of ``context`` (see the module docstring).
 
     Args:
@@ -152,6 +194,10 @@ def forecast(model, context, prediction_length: int, *, normalize: bool = True, 
         progress: tqdm bar over batches (default: when there is more than one batch).
         autocast: ``torch.bfloat16`` runs the model under ``torch.autocast`` (about 2x faster matmuls on CPUs with
             avx512_bf16 / AMX and on GPUs; routers and softmax stay fp32), None = the model's own dtype.
+        context_window: the longest sequence the model attends over (rolling forecast beyond it, see the module
+            docstring); default ``model.config.context_window``; None = no limit.
+        rolling_step: points forecast per round of the rolling forecast (default: the multiple of the largest horizon
+            head nearest below ``context_window // 4``).
     Returns:
         ``(prediction_length,)`` for one series, ``(N, prediction_length)`` for a 2-D input, a DataFrame or a list of
         equal-length series, else a list of ``(prediction_length,)`` arrays (float64).
@@ -166,8 +212,11 @@ def forecast(model, context, prediction_length: int, *, normalize: bool = True, 
                          f"{cfg.input_size}: call model.generate on (batch, time, input_size) tensors instead")
     series, kind = prepare_series(context, max_context_length=max_context_length,
                                   max_position_embeddings=cfg.max_position_embeddings, nan_policy=nan_policy)
+    if isinstance(context_window, str) and context_window == "config":
+        context_window = getattr(cfg, "context_window", None)
+    context_window, rolling_step = _check_window(context_window, rolling_step, cfg.max_horizon_length)
     longest = max(s.size for s in series)
-    if longest + prediction_length > cfg.max_position_embeddings:
+    if context_window is None and longest + prediction_length > cfg.max_position_embeddings:
         warnings.warn(f"context ({longest}) + prediction_length ({prediction_length}) exceeds max_position_embeddings="
                       f"{cfg.max_position_embeddings}: positions beyond it were never trained", stacklevel=2)
     stats = []
@@ -196,8 +245,9 @@ def forecast(model, context, prediction_length: int, *, normalize: bool = True, 
         dtype = next(model.parameters()).dtype
         for idx in tqdm(batches, desc="forecast", unit="batch", disable=not show):
             x = torch.as_tensor(np.stack([normed[i] for i in idx]), dtype=torch.float32).to(dtype)
-            out = model.generate(x, max_new_tokens=prediction_length, use_cache=use_cache, autocast=autocast)
-            pred = out[:, -prediction_length:].double().cpu().numpy()
+            out = decode(model, x, prediction_length, context_window=context_window, rolling_step=rolling_step,
+                         use_cache=use_cache, autocast=autocast)
+            pred = out.double().cpu().numpy()
             for row, i in zip(pred, idx):
                 mean, std = stats[i]
                 results[i] = row * std + mean
@@ -210,4 +260,4 @@ def forecast(model, context, prediction_length: int, *, normalize: bool = True, 
     return results
 
 
-__all__ = ["forecast", "parse_context", "prepare_series", "fill_nans", "NAN_POLICIES"]
+__all__ = ["forecast", "decode", "parse_context", "prepare_series", "fill_nans", "NAN_POLICIES"]

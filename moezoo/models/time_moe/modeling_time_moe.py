@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
+from transformers import initialization as init
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -72,6 +73,7 @@ class MoezooTimeMoeInputEmbedding(nn.Module):
         super().__init__()
         self.emb_layer = nn.Linear(input_size, hidden_size, bias=False)
         self.gate_layer = nn.Linear(input_size, hidden_size, bias=False)
+        self.emb_layer._point_embedding = self.gate_layer._point_embedding = True  # config.embedding_initializer_range
         self.act_fn = get_activation(hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -192,6 +194,14 @@ class MoezooTimeMoePreTrainedModel(MoezooPreTrainedModel):
     _can_compile_fullgraph = False
     _supports_flash_attn = False
     _supports_flex_attn = False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = getattr(self.config, "embedding_initializer_range", None)
+        # on the Linear layers themselves: transformers skips parameter-less container modules in custom code
+        if std is not None and getattr(module, "_point_embedding", False):
+            init.normal_(module.weight, mean=0.0, std=std)
 
 
 class MoezooTimeMoeModel(MoezooTimeMoePreTrainedModel):

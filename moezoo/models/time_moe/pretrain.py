@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .corpus import SOURCES, PackedWindowDataset, build_corpus, packed_loss, split_corpus
+from .corpus import SOURCES, PackedWindowDataset, build_corpus, kernel_synth, packed_loss, split_corpus
 
 __all__ = ["PretrainConfig", "run_pretrain", "validation_loss", "save_curves_plot", "default_exclude"]
 
@@ -58,8 +58,15 @@ class PretrainConfig:
     seed: int = 0
     threads: int | None = None
     progress: bool = True
+    synthetic_series: int = 0                 # KernelSynth series added to the training part only (never held out)
+    synthetic_length: int = 1026
+    synthetic_seed: int = 0
+    stats_fraction: float = 1.0               # z-score each chunk by its first fraction (PackedWindowDataset)
+    save_every: int | None = None             # also keep a checkpoint (train/checkpoint-<step>/) every this many steps
 
     def __post_init__(self):
+        if not isinstance(self.synthetic_series, int) or self.synthetic_series < 0:
+            raise ValueError(f"synthetic_series must be an int >= 0, got {self.synthetic_series!r}")
         for name in ("window_length", "steps", "batch_size", "eval_every", "max_val_windows"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -143,13 +150,21 @@ def run_pretrain(cfg: PretrainConfig, printer=print) -> dict:
         exclude = [load_table(p).values for p in exclude_paths]
         corpus = build_corpus(sources=cfg.sources, exclude=exclude, printer=printer)
         train_c, val_c = split_corpus(corpus, cfg.val_fraction, seed=0)   # fixed held-out series for every run
-        train_ds = PackedWindowDataset(train_c.series, cfg.window_length, stride=cfg.stride)
+        synth = kernel_synth(cfg.synthetic_series, cfg.synthetic_length, seed=cfg.synthetic_seed)
+        if synth:
+            printer(f"kernelsynth: {len(synth)} synthetic series x {cfg.synthetic_length} points added to training "
+                    f"({time.time() - t0:.0f} s)")
+        train_ds = PackedWindowDataset(list(train_c.series) + synth, cfg.window_length, stride=cfg.stride,
+                                       stats_fraction=cfg.stats_fraction)
         val_ds = PackedWindowDataset(val_c.series, cfg.window_length)
         printer(f"corpus built in {time.time() - t0:.0f} s: {len(train_c.series)} train series -> {len(train_ds)} "
                 f"packed windows of {cfg.window_length} (fill {train_ds.fill:.3f}); {len(val_c.series)} held-out "
                 f"series -> {len(val_ds)} windows; excluded files {exclude_paths}")
         info = {"summary": corpus.summary(), "exclude_csv": exclude_paths,
                 "train_series": len(train_c.series), "val_series": [s.name for s in val_c.series],
+                "synthetic": {"source": "kernelsynth", "series": len(synth), "length": cfg.synthetic_length,
+                              "points": int(sum(len(s) for s in synth)), "seed": cfg.synthetic_seed,
+                              "train_only": True},
                 "train_windows": len(train_ds), "val_windows": len(val_ds), "fill": train_ds.fill}
         (out / "corpus.json").write_text(json.dumps(info, indent=1) + "\n")
 
@@ -170,13 +185,14 @@ def run_pretrain(cfg: PretrainConfig, printer=print) -> dict:
         tcfg = dict(output_dir=str(out / "train"), max_steps=cfg.steps, batch_size=cfg.batch_size,
                     learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, adam_beta2=0.95,
                     warmup_steps=cfg.warmup_steps, lr_schedule="cosine", min_lr_ratio=cfg.min_lr_ratio,
-                    grad_clip=1.0, mixed_precision="auto", save_every=None, keep_last=1, save_final=False,
+                    grad_clip=1.0, mixed_precision="auto", save_every=cfg.save_every, keep_last=1, save_final=False,
                     log_every=max(1, min(25, cfg.steps // 10)), eval_every=cfg.eval_every, seed=cfg.seed,
                     resume="never", overwrite_output_dir=True, progress_bar=cfg.progress)
         t1 = time.time()
         _, res = train_model(model, train_ds, tcfg, eval_fn=eval_fn, loss_fn=packed_loss)
         seconds = time.time() - t1
         model.eval()
+        model.config.context_window = cfg.window_length   # forecasts roll on within the trained window length
         model.save_pretrained(str(out / "model"))
         curve = {"label": f"{cfg.model} {params['total'] / 1e6:.2f}M", "params": {k: int(params[k]) for k in
                                                                                    ("total", "active")},

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import moezoo  # noqa: E402
-from moezoo.models.time_moe.corpus import (CorpusSeries, PackedWindowDataset, build_corpus, load_source,  # noqa: E402
-                                           packed_loss, split_corpus)
+from moezoo.models.time_moe.corpus import (KERNEL_SYNTH_PERIODS, CorpusSeries, PackedWindowDataset,  # noqa: E402
+                                           build_corpus, kernel_synth, load_source, packed_loss, split_corpus)
 
 ROOT = Path(__file__).resolve().parents[3]
 SHARED = Path(os.environ.get("MOEZOO_SHARED_DIR", ROOT.parent / "shared"))
@@ -73,6 +73,45 @@ def test_real_sources_are_clean_and_ett_free():
         ett = load_table(ETTH1).values
         leaked = [_s("leak", ett[5000:5200, 6])]
         assert build_corpus(sm + leaked, exclude=[ett]).report["dropped"]["ett_content"] == 1
+
+
+def test_kernel_synth_series_are_seeded_periodic_and_separately_labelled():
+    a = kernel_synth(24, 256, seed=3)
+    b = kernel_synth(24, 256, seed=3)
+    assert len(a) == 24 and all(s.source == "kernelsynth" and s.name.startswith("kernelsynth:") for s in a)
+    assert all(np.array_equal(x.values, y.values) and x.name == y.name for x, y in zip(a, b))    # seeded
+    assert not np.array_equal(a[0].values, kernel_synth(1, 256, seed=4)[0].values)
+    assert all(len(s) == 256 and np.isfinite(s.values).all() and np.ptp(s.values) > 0 for s in a)
+    # every series has some structure (not only constant / white-noise kernels) ...
+    assert all(any(k.lstrip("+*") not in ("const", "white") for k in s.name.split(":")[2].replace("+", " +")
+                   .replace("*", " *").split()) for s in a)
+    # ... and a series drawn from a single periodic kernel repeats with its period
+    per = [s for s in a if s.name.split(":")[2].startswith("per") and s.name.count("+") + s.name.count("*") == 0]
+    assert per                                           # seed 3 draws one (per48)
+    for s in per:
+        p = int(float(s.name.split(":")[2][3:]))
+        assert p in KERNEL_SYNTH_PERIODS
+        v = s.values
+        assert np.abs(v[p:] - v[:-p]).max() < 0.05 * np.ptp(v), s.name
+    with pytest.raises(ValueError, match="length"):
+        kernel_synth(2, 8)
+
+
+def test_packed_windows_prefix_statistics():
+    """stats_fraction=0.5 z-scores a chunk by its first half only, so its second half (what the last positions
+    forecast) is not forced to mean 0 / std 1; the default uses the whole chunk."""
+    rng = np.random.default_rng(0)
+    v = np.cumsum(rng.standard_normal(65)) + 10.0
+    full = PackedWindowDataset([v], 64)[0]
+    half = PackedWindowDataset([v], 64, stats_fraction=0.5)[0]
+    xf = np.concatenate([full["input_ids"][:1].numpy(), full["labels"].numpy()])
+    xh = np.concatenate([half["input_ids"][:1].numpy(), half["labels"].numpy()])
+    assert abs(xf.mean()) < 1e-5 and abs(xf.std(ddof=1) - 1) < 1e-5
+    assert abs(xh[:33].mean()) < 1e-5 and abs(xh[:33].std(ddof=1) - 1) < 1e-5
+    assert abs(xh[33:].mean()) > 0.5                      # a random walk drifts away from its first half
+    assert np.allclose(xh, (v - v[:33].mean()) / v[:33].std(ddof=1), atol=1e-5)
+    with pytest.raises(ValueError, match="stats_fraction"):
+        PackedWindowDataset([v], 64, stats_fraction=0.0)
 
 
 def test_packed_windows_keep_series_apart():
@@ -149,14 +188,17 @@ def test_pretrain_tiny_run(tmp_path):
     cfg = PretrainConfig(output_dir=str(tmp_path / "pt"), model="time_moe_tiny_e4k2", tiny=True,
                          sources=("statsmodels",), exclude_csv=(), window_length=64, steps=4, batch_size=4,
                          warmup_steps=1, eval_every=2, max_val_windows=4, val_fraction=0.2, progress=False,
-                         threads=1)
+                         threads=1, synthetic_series=3, synthetic_length=130)
     res = run_pretrain(cfg, printer=lambda *a: None)
     curve = json.loads((tmp_path / "pt" / "curve.json").read_text())
     assert len(curve["train_loss"]) == 4 and [v["step"] for v in curve["val"]] == [2, 4]
     assert (tmp_path / "pt" / "curve.png").stat().st_size > 1000
     info = json.loads((tmp_path / "pt" / "corpus.json").read_text())
     assert info["summary"]["per_source"].keys() == {"statsmodels"} and info["val_series"]
+    assert info["synthetic"]["series"] == 3 and info["synthetic"]["points"] == 390            # counted apart,
+    assert not any(n.startswith("kernelsynth") for n in info["val_series"])                  # never held out
     m = MoezooTimeMoeForPrediction.from_pretrained(res["model_dir"])
+    assert m.config.context_window == 64                     # forecasts roll on within the trained window
     assert (tmp_path / "pt" / "model" / "model.safetensors").is_file()
     y = m.forecast(torch.randn(2, 40).cumsum(1), 10, normalize=True, progress=False)
     assert tuple(np.asarray(y).shape) == (2, 10)
