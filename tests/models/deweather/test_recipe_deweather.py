@@ -123,6 +123,28 @@ def test_perceptual_loss_switch(tmp_path, monkeypatch):
         recipe.VGGPerceptualLoss(feats, layers=(7,))
 
 
+def test_psnr_loss_is_minus_the_mean_image_psnr():
+    """loss.pixel=psnr optimises the benchmark metric: minus the mean of per-image PSNRs (not the PSNR of the mean
+    error), so an almost clean image weighs as much as a badly degraded one."""
+    import moezoo
+    from moezoo.metrics.restoration import psnr
+
+    torch.manual_seed(0)
+    y = torch.rand(3, 3, 16, 16)
+    x = (y + torch.randn_like(y) * torch.tensor([0.01, 0.1, 0.3]).view(3, 1, 1, 1)).clamp(0, 1)
+    assert torch.allclose(recipe.psnr_loss(x, y), -psnr(x, y).mean(), atol=1e-4)
+    pooled = 10 * torch.log10(((x - y) ** 2).mean())
+    assert recipe.psnr_loss(x, y) < pooled - 3  # per-image mean != PSNR of the pooled error (here by > 3 dB)
+    loss_fn = recipe.make_loss_fn(0.0, pixel="psnr")
+    model = moezoo.create_model("deweather_mofme_tiny_e4k2", tiny=True)
+    loss, logs = loss_fn(model, {"pixel_values": x, "labels": y})
+    assert set(logs) == {"psnr", "aux_loss"} and torch.allclose(loss, logs["psnr"] + logs["aux_loss"])
+    loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "tail" in n)
+    with pytest.raises(ValueError, match="loss.pixel"):
+        recipe.make_loss_fn(0.0, pixel="ssim")
+
+
 def test_recipe_errors():
     with pytest.raises(ValueError, match="unknown recipe section"):
         recipe.resolve_recipe({"optim": {}})
