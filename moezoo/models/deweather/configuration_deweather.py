@@ -48,6 +48,13 @@ class MoezooDeweatherConfig(MoezooConfig):
             tokens before the tail (default False = the official layout, whose only path from the head to the tail
             goes through one ``hidden_size`` token per patch; a tiny model with ``hidden_size`` < 3 * patch_size**2
             cannot carry a per-pixel correction through it).
+        global_context: an image-level branch (default False = the official layout). The mean and standard deviation
+            of the conv-head features over the whole image go through a small MLP (``global_context_size`` wide, GELU);
+            its output is added to every token before the transformer (so routers and experts see the image's
+            degradation, not only their patch), and, with ``output_mode="residual"``, a per-image, per-channel affine
+            map of the input is predicted from it: ``input * (1 + a) + b + t`` (fog / haze is about
+            ``I = J t + A (1 - t)``, a per-image affine change that a patch cannot estimate). Both projections start
+            at zero, so the untrained model is still the identity.
         dropout: attention-output and adaptor/expert dropout (official 0.1); embed_dropout after the patch embedding.
         layer_norm_eps: eps of every LayerNorm.
     """
@@ -88,13 +95,16 @@ class MoezooDeweatherConfig(MoezooConfig):
     out_ch_scale: int = 4
     kernel_size: int = 3
     tail_skip: bool = False
+    global_context: bool = False
+    global_context_size: int = 64
     dropout: float = 0.0
     embed_dropout: float = 0.0
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self, **kwargs):
         for name in ("in_channels", "out_channels", "patch_size", "hidden_size", "num_hidden_layers",
-                     "num_attention_heads", "head_dim", "head_channels", "out_ch_scale", "kernel_size"):
+                     "num_attention_heads", "head_dim", "head_channels", "out_ch_scale", "kernel_size",
+                     "global_context_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")

@@ -33,6 +33,7 @@ class MoezooDeweatherModelOutput(ModelOutput):
         routing_weights: one (B, N, E) dense combine-weight tensor per MoE layer (0 for unselected experts).
         router_outputs: the full :class:`moezoo.core.RouterOutput` of every MoE layer.
         head_features: (B, head_channels, H, W) conv-head features (only with the config's ``tail_skip``).
+        global_context: (B, global_context_size) image-level features (only with the config's ``global_context``).
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -41,6 +42,7 @@ class MoezooDeweatherModelOutput(ModelOutput):
     routing_weights: tuple[torch.FloatTensor, ...] | None = None
     router_outputs: tuple[RouterOutput, ...] | None = None
     head_features: torch.FloatTensor | None = None
+    global_context: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -89,6 +91,22 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.proj(x).flatten(2).transpose(1, 2))
+
+
+class GlobalContext(nn.Module):
+    """Image-level features: per-channel mean and std of (B, C, H, W) over H, W -> Linear -> GELU: (B, size); and their
+    projection to the token width (``to_tokens``, zero-initialised: adding it changes nothing before training)."""
+
+    def __init__(self, channels: int, size: int, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Linear(2 * channels, size)
+        self.act = nn.GELU()
+        self.to_tokens = nn.Linear(size, hidden_size)
+        self.to_tokens._moezoo_zero_init = True
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        flat = feats.flatten(2)
+        return self.act(self.proj(torch.cat([flat.mean(-1), flat.std(-1, unbiased=False)], dim=-1)))
 
 
 class DeweatherAttention(nn.Module):
@@ -196,6 +214,10 @@ class MoezooDeweatherPreTrainedModel(MoezooPreTrainedModel):
             if not getattr(module.film_proj_bias, "_is_hf_initialized", False):
                 module.film_proj_bias[:, : module.hidden_dim].fill_(1.0)
                 module.film_proj_bias[:, module.hidden_dim:].zero_()
+        elif isinstance(module, nn.Linear) and getattr(module, "_moezoo_zero_init", False):
+            if not getattr(module.weight, "_is_hf_initialized", False):  # global-context outputs start at zero
+                init.zeros_(module.weight)
+                init.zeros_(module.bias)
         elif isinstance(module, nn.Conv2d):  # PyTorch's default conv init keeps the conv head/tail signal alive
             if not getattr(module.weight, "_is_hf_initialized", False):
                 if getattr(module, "_moezoo_near_zero_init", False):  # residual output: tail starts near 0
@@ -224,6 +246,8 @@ class MoezooDeweatherModel(MoezooDeweatherPreTrainedModel):
         self.head = nn.Sequential(_conv(config.in_channels, C, k), *[ResBlock(C, k) for _ in range(config.num_head_resblocks)])
         self.patch_embed = PatchEmbed(C, config.hidden_size, config.patch_size, config.layer_norm_eps)
         self.embed_dropout = nn.Dropout(config.embed_dropout)
+        self.global_context = (GlobalContext(C, config.global_context_size, config.hidden_size)
+                               if config.global_context else None)
         kwargs = block_kwargs(config)
         self.layers = nn.ModuleList([DeweatherTransformerBlock(**kwargs, experts_config=config)
                                      for _ in range(config.num_hidden_layers)])
@@ -249,6 +273,10 @@ class MoezooDeweatherModel(MoezooDeweatherPreTrainedModel):
                                 else self.config.output_hidden_states)
         feats = self.head(pixel_values)
         x = self.embed_dropout(self.patch_embed(feats))
+        g = None
+        if self.global_context is not None:  # image-level context for every token (routers included)
+            g = self.global_context(feats)
+            x = x + self.global_context.to_tokens(g)[:, None]
         B, N, _ = x.shape
         all_hidden = (x,) if output_hidden_states else None
         router_outputs = []
@@ -262,7 +290,8 @@ class MoezooDeweatherModel(MoezooDeweatherPreTrainedModel):
             router_logits=tuple(ro.logits for ro in router_outputs) if output_router_logits else None,
             routing_weights=tuple(ro.combine_weights()[:, : layer.mlp.num_experts].reshape(B, N, -1)
                                   for ro, layer in zip(router_outputs, self.layers)),
-            router_outputs=tuple(router_outputs), head_features=feats if self.config.tail_skip else None)
+            router_outputs=tuple(router_outputs), head_features=feats if self.config.tail_skip else None,
+            global_context=g)
         return result if return_dict is not False else result.to_tuple()
 
 
@@ -280,6 +309,11 @@ class MoezooDeweatherForImageRestoration(MoezooDeweatherPreTrainedModel):
         self.tail_skip = nn.Conv2d(config.head_channels, ch, 1) if config.tail_skip else None
         if config.output_mode == "residual":  # start near the identity map (see the config's output_mode)
             self.tail[-1]._moezoo_near_zero_init = True
+        # per-image affine map of the input from the global context (see the config's global_context)
+        self.global_affine = None
+        if config.global_context and config.output_mode == "residual":
+            self.global_affine = nn.Linear(config.global_context_size, 2 * config.out_channels)
+            self.global_affine._moezoo_zero_init = True
         self.post_init()
 
     def unpatchify(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -304,7 +338,11 @@ class MoezooDeweatherForImageRestoration(MoezooDeweatherPreTrainedModel):
         pre = self.tail(t)
         mode = self.config.output_mode
         if mode == "residual":
-            recon = pixel_values.to(pre.dtype) + pre
+            base = pixel_values.to(pre.dtype)
+            if self.global_affine is not None:  # input * (1 + a) + b, per image and channel
+                a, b = self.global_affine(out.global_context).to(pre.dtype)[:, :, None, None].chunk(2, dim=1)
+                base = base * (1.0 + a) + b
+            recon = base + pre
             if not self.training:
                 recon = recon.clamp(0.0, 1.0)
         else:
@@ -329,4 +367,4 @@ class MoezooDeweatherForImageRestoration(MoezooDeweatherPreTrainedModel):
 
 __all__ = ["MoezooDeweatherModel", "MoezooDeweatherForImageRestoration", "MoezooDeweatherPreTrainedModel",
            "MoezooDeweatherModelOutput", "MoezooDeweatherRestorationOutput", "DeweatherTransformerBlock",
-           "DeweatherAttention", "PatchEmbed", "ResBlock", "block_kwargs"]
+           "DeweatherAttention", "GlobalContext", "PatchEmbed", "ResBlock", "block_kwargs"]

@@ -237,3 +237,41 @@ def test_tail_skip_adds_a_full_resolution_path(tmp_path):
     assert again.config.tail_skip
     with torch.no_grad():
         assert torch.allclose(again(pixel_values=x).reconstruction, y, atol=1e-6)
+
+
+def test_global_context_branch(tmp_path):
+    """global_context: image-level mean/std features reach every token (and so the routers) and a per-image affine
+    map of the input; both start at zero (identity model), both learn, and the affine is exactly input*(1+a)+b."""
+    plain = _tiny()
+    assert plain.model.global_context is None and plain.global_affine is None
+    model = _tiny(global_context=True, global_context_size=8)
+    x = torch.rand(2, 3, 16, 16)
+    model.eval()
+    with torch.no_grad():
+        y0 = model(pixel_values=x).reconstruction
+        base = _tiny()
+        base.load_state_dict(model.state_dict(), strict=False)       # same weights without the branch
+        assert torch.allclose(base.eval()(pixel_values=x).reconstruction, y0, atol=1e-6)   # zero-initialised
+    model.train()
+    out = model(pixel_values=x, labels=(x * 0.7 + 0.1))
+    out.loss.backward()
+    assert model.global_affine.weight.grad.abs().sum() > 0 and model.model.global_context.to_tokens.weight.grad.abs().sum() > 0
+    g = model.model(x).global_context
+    assert g.shape == (2, 8)
+    model.eval()
+    with torch.no_grad():
+        model.global_affine.bias.copy_(torch.tensor([0.5, 0.0, 0.0, 0.1, 0.0, 0.0]))   # a = (0.5, 0, 0), b = (0.1, 0, 0)
+        y = model(pixel_values=x).reconstruction
+        assert torch.allclose(y[:, 1:], y0[:, 1:], atol=1e-6)
+        assert torch.allclose(y[:, 0], (y0[:, 0] + 0.5 * x[:, 0] + 0.1).clamp(0, 1), atol=1e-5)
+        model.model.global_context.to_tokens.bias.fill_(0.3)            # the tokens (routers) see the context
+        r0 = model.model(x).routing_weights[0]
+        model.model.global_context.to_tokens.bias.zero_()
+        assert not torch.allclose(model.model(x).routing_weights[0], r0)
+    model.save_pretrained(tmp_path / "m")
+    again = MoezooDeweatherForImageRestoration.from_pretrained(tmp_path / "m").eval()
+    assert again.config.global_context and again.config.global_context_size == 8
+    with torch.no_grad():
+        assert torch.allclose(again(pixel_values=x).reconstruction, y, atol=1e-6)
+    with pytest.raises(ValueError, match="global_context_size"):
+        _tiny(global_context=True, global_context_size=0)

@@ -32,19 +32,31 @@ def _script():
 
 
 @pytest.mark.parametrize("name", ["tiny_mofme.yaml", "tiny_moe.yaml", "allweather_mofme_s.yaml"])
-def test_configs_resolve(name):
+def test_configs_resolve(name, tmp_path):
     overrides = [] if name.startswith("tiny") else ["data.root=/data/allweather"]   # the one required setting
     cfg = recipe.resolve_recipe(load_yaml_config(CONFIGS / name, overrides))
     assert cfg["model"]["name"].startswith("deweather_")
     if name.startswith("tiny"):
-        assert cfg["trainer"]["learning_rate"] == 1e-3 and cfg["data"]["source"] == "builtin"
+        assert cfg["trainer"]["learning_rate"] == 2e-3 and cfg["data"]["source"] == "builtin"
         assert cfg["data"]["photos"] == "all" and cfg["data"]["random_crops"]
+        assert cfg["loss"]["pixel"] == "psnr" and cfg["model"]["config"]["tail_skip"]
     else:
         assert cfg["data"]["source"] == "allweather"
     mofme, moe = (load_yaml_config(CONFIGS / n) for n in ("tiny_mofme.yaml", "tiny_moe.yaml"))
     assert {k: v for k, v in mofme["trainer"].items() if k != "output_dir"} == \
         {k: v for k, v in moe["trainer"].items() if k != "output_dir"}          # equal training budget
-    assert mofme["data"] == moe["data"]
+    assert mofme["data"] == moe["data"] and mofme["loss"] == moe["loss"]
+    assert mofme["model"]["config"] == moe["model"]["config"]
+    # the demo step trains exactly the recipe of tiny_mofme.yaml (same model, data, loss and budget)
+    from moezoo.demo import DemoContext
+    from moezoo.models.deweather.demo import demo_config
+
+    demo = demo_config(DemoContext(output_dir=tmp_path, quick=False, seed=0))
+    assert demo["model"] == {k: mofme["model"][k] for k in ("name", "tiny", "config")}
+    assert demo["loss"] == mofme["loss"]
+    assert all(demo["data"][k] == mofme["data"][k] for k in demo["data"])
+    assert all(demo["trainer"][k] == mofme["trainer"][k] for k in ("max_steps", "batch_size", "learning_rate",
+                                                                   "warmup_steps", "weight_decay", "min_lr_ratio"))
 
 
 def test_train_three_steps_and_resume(tmp_path, monkeypatch):
@@ -121,6 +133,28 @@ def test_perceptual_loss_switch(tmp_path, monkeypatch):
     assert perc(y, y).item() == 0.0
     with pytest.raises(ValueError, match="layers"):
         recipe.VGGPerceptualLoss(feats, layers=(7,))
+
+
+def test_psnr_loss_is_minus_the_mean_image_psnr():
+    """loss.pixel=psnr optimises the benchmark metric: minus the mean of per-image PSNRs (not the PSNR of the mean
+    error), so an almost clean image weighs as much as a badly degraded one."""
+    import moezoo
+    from moezoo.metrics.restoration import psnr
+
+    torch.manual_seed(0)
+    y = torch.rand(3, 3, 16, 16)
+    x = (y + torch.randn_like(y) * torch.tensor([0.01, 0.1, 0.3]).view(3, 1, 1, 1)).clamp(0, 1)
+    assert torch.allclose(recipe.psnr_loss(x, y), -psnr(x, y).mean(), atol=1e-4)
+    pooled = 10 * torch.log10(((x - y) ** 2).mean())
+    assert recipe.psnr_loss(x, y) < pooled - 3  # per-image mean != PSNR of the pooled error (here by > 3 dB)
+    loss_fn = recipe.make_loss_fn(0.0, pixel="psnr")
+    model = moezoo.create_model("deweather_mofme_tiny_e4k2", tiny=True)
+    loss, logs = loss_fn(model, {"pixel_values": x, "labels": y})
+    assert set(logs) == {"psnr", "aux_loss"} and torch.allclose(loss, logs["psnr"] + logs["aux_loss"])
+    loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "tail" in n)
+    with pytest.raises(ValueError, match="loss.pixel"):
+        recipe.make_loss_fn(0.0, pixel="ssim")
 
 
 def test_recipe_errors():
