@@ -3,7 +3,7 @@
 Driving (default): Drive-π0 vs DriveMoE vs each MoE alone (+ IDM expert and idle baselines) in highway-env, per
 scenario, mean ± std over training seeds; GIFs, camera-selection and expert-by-skill heatmaps.
 
-    python eval/vla/run.py --out runs/vla_bench --steps 150 --train-seeds 0 1 2 --eval-seeds 100 101
+    python eval/vla/run.py --out runs/vla_bench --steps 800 --train-seeds 0 1 2 --eval-seeds 100 101
 
 Robots (``--robots``): HiMoE-VLA on heterogeneous MuJoCo embodiments (Reacher 2-D / Pusher arm 7-D torques): dense vs
 plain top-k vs HiMoE vs AS-MoE only vs HB-MoE only action experts at equal active parameters and budget (+ scripted
@@ -56,7 +56,7 @@ def main(argv=None) -> dict:
     a.out, a.model = a.out or "runs/vla_bench", a.model or "drivemoe_tiny_e6k1"
     a.variants = a.variants or ["drive_pi0", "drivemoe", "camera_moe", "action_moe"]
     a.demo_seeds, a.eval_seeds = a.demo_seeds or [0, 1, 2, 3], a.eval_seeds or [100, 101]
-    a.steps, a.batch_size = a.steps or 150, a.batch_size or 8
+    a.steps, a.batch_size = a.steps or 800, a.batch_size or 8
     return run_benchmark(output_dir=a.out, model=a.model, tiny=not a.full, variants=a.variants,
                          train_seeds=a.train_seeds, steps=a.steps, batch_size=a.batch_size, data_dir=a.data_dir,
                          scenarios=a.scenarios, demo_seeds=a.demo_seeds, eval_seeds=a.eval_seeds)

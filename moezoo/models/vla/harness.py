@@ -162,7 +162,7 @@ def prepare_benchmark(variants, known, eval_seeds, demo_seeds, output_dir, data_
 
 def run_benchmark(*, output_dir: str | Path, model: str = "drivemoe_tiny_e6k1", tiny: bool = True,
                   variants=("drive_pi0", "drivemoe", "camera_moe", "action_moe"), train_seeds=(0, 1, 2),
-                  steps: int = 150, batch_size: int = 8, data_dir: str | Path | None = None,
+                  steps: int = 800, batch_size: int = 8, data_dir: str | Path | None = None,
                   scenarios=("highway", "merge", "roundabout", "intersection"), demo_seeds=(0, 1, 2, 3),
                   eval_seeds=(100, 101), baselines: bool = True, printer: Callable = print) -> dict:
     """Collect demonstrations, train every variant per training seed, evaluate closed-loop on held-out seeds."""
