@@ -12,6 +12,10 @@ AS / HB expert-use heatmaps by embodiment and task.
 
     MUJOCO_GL=egl python eval/vla/run.py --robots --out runs/vla_robots --steps 100 --train-seeds 0 1 2
 
+Re-evaluation (``--evaluate RUN_DIR``): the driving policies a benchmark saved, on other held-out seeds, no training:
+
+    python eval/vla/run.py --evaluate runs/vla_bench --eval-seeds 100 101 102 103 104 105 106 107
+
 The logic lives in :mod:`moezoo.models.vla.harness` and :mod:`moezoo.models.vla.robot_harness`.
 """
 from __future__ import annotations
@@ -40,6 +44,8 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--evaluate", default=None, metavar="RUN_DIR",
+                   help="driving: evaluate the policies saved in RUN_DIR/runs/ again (with --eval-seeds), no training")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.robots:
@@ -51,6 +57,11 @@ def main(argv=None) -> dict:
                                    train_seeds=a.train_seeds, steps=a.steps or 100, batch_size=a.batch_size or 8,
                                    data_dir=a.data_dir, embodiments=a.embodiments,
                                    demo_seeds=a.demo_seeds or list(range(8)), eval_seeds=a.eval_seeds or [100, 101])
+    if a.evaluate:
+        from moezoo.models.vla.harness import evaluate_runs
+
+        return evaluate_runs(a.evaluate, eval_seeds=a.eval_seeds or [100, 101], scenarios=a.scenarios,
+                             output_dir=a.out)
     from moezoo.models.vla.harness import run_benchmark
 
     a.out, a.model = a.out or "runs/vla_bench", a.model or "drivemoe_tiny_e6k1"

@@ -188,14 +188,59 @@ def run_benchmark(*, output_dir: str | Path, model: str = "drivemoe_tiny_e6k1", 
                            record_dir=out / "videos" if s == train_seeds[0] else None)
             results.setdefault(v, []).append(res)
             num_experts, cameras = policy.config.num_experts, policy.config.candidate_cameras
+    return _finish(out, results, scenarios, eval_seeds, baselines, printer, t_start, num_experts, cameras,
+                   params=params, train_seeds=list(train_seeds), steps=steps)
+
+
+def evaluate_runs(run_dir: str | Path, *, eval_seeds=(100, 101), scenarios=("highway", "merge", "roundabout",
+                                                                          "intersection"),
+                  output_dir: str | Path | None = None, baselines: bool = True, printer: Callable = print) -> dict:
+    """Evaluate again the policies that :func:`run_benchmark` saved (``RUN_DIR/runs/<variant>_seed<s>/model``) on
+    other held-out seeds, without training: more episodes per scenario for a tighter table. Writes
+    ``results.md`` / ``results.json`` and the heatmaps into ``output_dir`` (default ``RUN_DIR/eval_<n>seeds``)."""
+    import re
+
+    from .driving import check_scenario
+    from .modeling_vla import MoezooVlaPolicy
+
+    for sc in scenarios:
+        check_scenario(sc)
+    run_dir = Path(run_dir)
+    found = sorted((m.group(1), int(m.group(2)), d) for d in (run_dir / "runs").glob("*_seed*")
+                   if (m := re.fullmatch(r"(.+)_seed(\d+)", d.name)) and (d / "model" / "config.json").is_file())
+    if not found:
+        raise FileNotFoundError(f"no trained policies in {run_dir / 'runs'} (expected <variant>_seed<s>/model)")
+    demo_seeds = {int(x) for _, _, d in found if (d / "recipe.json").is_file()
+                  for x in json.loads((d / "recipe.json").read_text()).get("data", {}).get("seeds", [])}
+    overlap = set(eval_seeds) & demo_seeds
+    if overlap:
+        raise ValueError(f"eval seeds {sorted(overlap)} are also demonstration seeds; held-out seeds must differ")
+    out = Path(output_dir or run_dir / f"eval_{len(eval_seeds)}seeds")
+    out.mkdir(parents=True, exist_ok=True)
+    results, params, t_start = {}, {}, time.time()
+    num_experts = cameras = None
+    for v, s, d in found:
+        policy = MoezooVlaPolicy.from_pretrained(str(d / "model")).eval()
+        params[v] = {"total": sum(p.numel() for p in policy.parameters()),
+                     "active": policy.parameter_summary()["active"]}
+        results.setdefault(v, []).append(evaluate(policy, scenarios, eval_seeds, printer=printer, tag=f"{v}_seed{s}"))
+        if v == "drivemoe":
+            num_experts, cameras = policy.config.num_experts, policy.config.candidate_cameras
+    return _finish(out, results, scenarios, eval_seeds, baselines, printer, t_start, num_experts, cameras,
+                   params=params, train_seeds=sorted({s for _, s, _ in found}), source=str(run_dir))
+
+
+def _finish(out: Path, results: dict, scenarios, eval_seeds, baselines: bool, printer: Callable, t_start: float,
+            num_experts, cameras, **extra) -> dict:
+    """Baselines, the mean ± std table, the heatmaps and results.{md,json}: the end of both driving benchmarks."""
     if baselines:
         for mode in ("expert", "idle"):
             results[f"{mode} (baseline)"] = [evaluate(None, scenarios, eval_seeds, mode=mode, printer=printer,
                                                       tag=mode, record_dir=out / "videos")]
     md = table(results, scenarios)
     files = heatmaps(results, scenarios, out, num_experts, cameras) if "drivemoe" in results else []
-    summary = {"table": md, "params": params, "seconds": time.time() - t_start, "eval_seeds": list(eval_seeds),
-               "train_seeds": list(train_seeds), "steps": steps, "files": files,
+    summary = {"table": md, **extra, "seconds": time.time() - t_start, "eval_seeds": list(eval_seeds),
+               "files": files,
                "results": {k: [{sc: {m: r[sc][m] for m in METRICS} for sc in scenarios} for r in v]
                            for k, v in results.items()}}
     (out / "results.md").write_text(md)
@@ -204,4 +249,4 @@ def run_benchmark(*, output_dir: str | Path, model: str = "drivemoe_tiny_e6k1", 
     return summary
 
 
-__all__ = ["run_episode", "evaluate", "table", "heatmaps", "run_benchmark", "METRICS"]
+__all__ = ["run_episode", "evaluate", "table", "heatmaps", "run_benchmark", "evaluate_runs", "METRICS"]

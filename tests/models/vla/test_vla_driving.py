@@ -15,7 +15,7 @@ import moezoo
 from moezoo.models.vla import driving
 from moezoo.models.vla.data import EpisodeDataset, collect_demonstrations
 from moezoo.models.vla.harness import evaluate, run_episode
-from moezoo.models.vla.recipe import collate
+from moezoo.models.vla.recipe import build_policy, collate
 
 
 @pytest.fixture
@@ -74,3 +74,27 @@ def test_collect_load_train_and_closed_loop(tmp_path, short):
     assert m["steps"] == 4 and len(m["latency"]) == 2 and len(m["camera_selection"]) == 2  # n_action_steps=2
     res = evaluate(None, ["highway"], [7], mode="expert", printer=lambda *a: None)
     assert res["highway"]["collision"] == 0.0 and res["highway"]["route_completion"] == 1.0
+
+
+def test_evaluate_runs_reloads_saved_policies_on_new_seeds(tmp_path, short):
+    from moezoo.models.vla.harness import evaluate_runs
+
+    folder = collect_demonstrations(tmp_path / "data", ["highway"], [0], image_size=32, log=lambda *a: None)
+    stats = EpisodeDataset(folder, chunk_size=4).stats
+    with pytest.raises(FileNotFoundError, match="no trained policies"):
+        evaluate_runs(tmp_path, eval_seeds=[7], scenarios=["highway"])
+    for variant in ("drive_pi0", "drivemoe"):
+        p = build_policy({"name": "drivemoe_tiny_e6k1", "tiny": True, "variant": variant})
+        p.set_normalization_stats(stats)
+        run = tmp_path / "runs" / f"{variant}_seed0"
+        p.save_pretrained(str(run / "model"))
+        (run / "recipe.json").write_text(json.dumps({"data": {"seeds": [0]}}))
+    with pytest.raises(ValueError, match=r"eval seeds \[0\] are also demonstration seeds"):
+        evaluate_runs(tmp_path, eval_seeds=[0], scenarios=["highway"])
+    summary = evaluate_runs(tmp_path, eval_seeds=[7, 8], scenarios=["highway"], printer=lambda *a: None)
+    out = tmp_path / "eval_2seeds"
+    assert (out / "results.md").read_text() == summary["table"]
+    assert set(summary["results"]) == {"drive_pi0", "drivemoe", "expert (baseline)", "idle (baseline)"}
+    assert summary["train_seeds"] == [0] and summary["eval_seeds"] == [7, 8]
+    assert (out / "camera_selection_heatmap.png").is_file()
+    assert summary["results"]["expert (baseline)"][0]["highway"]["route_completion"] == 1.0
