@@ -13,10 +13,12 @@ code when given, else moezoo fp32). Machine load hits both sides alike; run it o
 
 Rows (batch ``--batch``, 8 by default): Time-MoE forward 8x512, generate 512->96 (``forecast`` too), train step
 (forward + backward); DiT-MoE / ProMoE train step, eval forward, classifier-free-guidance forward (2B); MoFME train
-step and eval forward. Columns: official fp32, moezoo fp32, moezoo bf16 autocast, and with ``--compile`` moezoo
+step and eval forward (the official MoWE: eval only). Columns: official fp32, moezoo fp32, moezoo bf16 autocast, and with ``--compile`` moezoo
 fp32 under ``torch.compile`` (inductor). Two roofline lines give the fp32 and bf16 GEMM speed of this machine
 (2048x1536x1536), the upper bound of every fp32/bf16 ratio. Official adapters: ``time_moe`` (Time-MoE/Time-MoE),
-``dit_moe`` (feizc/DiT-MoE ``models.py``); the other families run moezoo alone until an adapter is added to
+``dit_moe`` (feizc/DiT-MoE ``models.py``), ``mofme`` (RoyZry98/MoFME-Pytorch ``models/mowe.py``, at the
+official all-weather config; it needs ``einops``, e.g. ``--official-path`` to a ``pip install --target`` folder); the
+other families run moezoo alone until an adapter is added to
 ``OFFICIAL``.
 """
 from __future__ import annotations
@@ -160,12 +162,20 @@ def dit_inputs(batch: int, channels: int, size: int, num_classes: int, null_id: 
     return ex
 
 
+def deweather_inputs(batch: int, in_channels: int, out_channels: int, height: int, width: int, seed: int) -> dict:
+    """``pixel_values`` and clean ``labels`` in [0, 1], both sides alike (plain torch; the same draws as
+    ``MoezooDeweatherForImageRestoration.example_inputs``)."""
+    g = torch.Generator().manual_seed(seed)
+    return {"pixel_values": torch.rand(batch, in_channels, height, width, generator=g),
+            "labels": torch.rand(batch, out_channels, height, width, generator=g)}
+
+
 def image_tasks(model, args, kind: str):
     B = args.batch
-    g = torch.Generator().manual_seed(args.seed)
     if kind == "deweather":
-        ex = model.example_inputs(batch_size=B, generator=g)
-        return _train_and_eval(model, ex, {k: v for k, v in ex.items() if k not in ("labels", "target")})
+        c = model.config
+        ex = deweather_inputs(B, c.in_channels, c.out_channels, *c.image_hw, args.seed)
+        return _train_and_eval(model, ex, {"pixel_values": ex["pixel_values"]})
     c = model.config
     ex = dit_inputs(B, c.in_channels, c.sample_size, c.num_classes, c.null_class_id, args.seed)
     eval_inputs = {k: v for k, v in ex.items() if k != "target"}
@@ -240,10 +250,48 @@ def dit_moe_official_tasks(model, args, cfg: dict) -> dict:
     return {"train": train, "eval": evaluate, "cfg": cfg_forward}
 
 
+# RoyZry98/MoFME-Pytorch ``models.mowe.MoWE`` as its all-weather script builds it (scripts_allweather_mofme_ours.sh:
+# embed 384, 2 layers, patch 8, FiLM gate, 4 experts top-2; 480x720 frames cropped by (1/2, 1/3) = 240x240; the
+# other arguments are MoWE's defaults: 8 heads x 64, out_ch 32 x 4, mlp x4), and the parity fixture's tiny one
+MOWE_OFFICIAL = dict(task_scale="1+1+1", is_single_task=False, img_size=[240, 240], patch_size=8,
+                     residual_learning=False, transformer_type="vit", moe_enable=True, num_expert=4, type_expert="ffn",
+                     top_k=2, gate="film", embed_dim=384, depth=2, scale_dim=4)
+MOWE_TINY = dict(MOWE_OFFICIAL, img_size=[32, 32], out_ch=8, embed_dim=32, dim_head=16, n_heads=4)
+
+
+def mofme_official_model(args):
+    sys.path.insert(0, args.official_src)
+    from models.mowe import MoWE  # RoyZry98/MoFME-Pytorch (needs einops)
+
+    torch.manual_seed(args.seed)
+    cfg = MOWE_TINY if args.tiny else MOWE_OFFICIAL
+    return MoWE(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}).eval(), cfg
+
+
+def mofme_moezoo_model(official_cfg, state_dict):
+    from moezoo.models.deweather.convert_mofme import load_official
+
+    return load_official(official_cfg, state_dict)
+
+
+def mofme_official_tasks(model, args, cfg: dict) -> dict:
+    """The official MoWE's eval forward on the inputs moezoo gets. No train row: the official uncertainty-aware router
+    fails in ``train()`` (see ../shared/parity/mofme/README.md), so only inference is compared."""
+    h, w = cfg["img_size"]
+    x = deweather_inputs(args.batch, 3, 3, h, w, args.seed)["pixel_values"]
+
+    def evaluate():
+        with torch.no_grad():
+            model(x)
+
+    return {"eval": evaluate}
+
+
 # family: (build the official model and its config, load its weights into moezoo, the official side's rows)
 OFFICIAL = {"time_moe": (time_moe_official_model, time_moe_moezoo_model,
                          lambda model, args, cfg: time_moe_tasks(model, args, official=True)),
-            "dit_moe": (dit_moe_official_model, dit_moe_moezoo_model, dit_moe_official_tasks)}
+            "dit_moe": (dit_moe_official_model, dit_moe_moezoo_model, dit_moe_official_tasks),
+            "mofme": (mofme_official_model, mofme_moezoo_model, mofme_official_tasks)}
 
 
 # ---------------------------------------------------------------------------------------------------------- worker
@@ -260,7 +308,7 @@ def worker(args) -> None:
     save_file(sd, os.path.join(args.worker_dir, "official.safetensors"))
     Path(args.worker_dir, "official_config.json").write_text(json.dumps(cfg))
     tasks = official_tasks(model, args, cfg)
-    print("ready", flush=True)
+    print("ready " + ",".join(tasks), flush=True)
     for line in sys.stdin:
         name = line.strip()
         if not name:
@@ -283,8 +331,10 @@ class OfficialProcess:
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
                                      cwd=tempfile.gettempdir())
         said = []  # official code may print on import (e.g. feizc/DiT-MoE without flash_attn): skip until "ready"
+        self.tasks: list[str] = []
         for line in self.proc.stdout:
-            if line.strip() == "ready":
+            if line.startswith("ready"):
+                self.tasks = line.split()[1].split(",") if len(line.split()) > 1 else []
                 break
             said.append(line)
         else:
@@ -375,7 +425,7 @@ def main(argv=None) -> int:
         names = [t for t in tasks if not args.tasks or t in args.tasks.split(",")]
         variants = []  # (column, task name) -> callable
         for t in names:
-            if official is not None and t in ("forward", "generate", "train", "eval", "cfg"):
+            if official is not None and t in official.tasks:
                 variants.append(("official fp32", t, lambda t=t: official.run(t)))
             variants.append(("moezoo fp32", t, lambda t=t: _timed(tasks[t])))
             if not args.no_bf16:
@@ -397,7 +447,7 @@ def main(argv=None) -> int:
             official.close()
 
     cols = []
-    for col, _, _ in variants:
+    for col, _, _ in sorted(variants, key=lambda v: v[0] != "official fp32"):  # the official column first
         if col not in cols:
             cols.append(col)
     ref_col = "official fp32" if official is not None else "moezoo fp32"
