@@ -129,6 +129,8 @@ def config_from_official(config: dict, state_dict: dict, **overrides) -> MoezooD
     if "head.0.weight" not in state_dict and any(k.startswith("layers.0.3.") for k in state_dict):
         raise ValueError("these weights are a lone Transformer_MoE_FiLM (FME layers), not a whole MoWE model; "
                          "check them with `moezoo parity mofme FOLDER`")
+    # what MoWE's signature defaults to, for configs written like the official training script's (which leaves them out)
+    config = {"n_heads": 8, "dim_head": 64, "dropout": 0.1, **config}
     hp = layer_hparams(config, state_dict, TRANSFORMER)
     head_w = _need(state_dict, "head.0.weight")
     head_channels, in_channels, k = head_w.shape[0], head_w.shape[1], head_w.shape[-1]

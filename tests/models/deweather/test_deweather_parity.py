@@ -206,10 +206,10 @@ def test_layer_parity_other_configs(tmp_path, dims):
     _check("mofme", write_folder(tmp_path / "layer", cfg, sd, io))
 
 
-def _full_case(g, residual=True):
+def _full_case(g, residual=True, heads=3, dim_head=8):
     cfg = dict(task_scale="1+1+1", is_single_task=False, img_size=[16, 24], in_ch=3, out_ch=6, patch_size=4,
                residual_learning=residual, transformer_type="vit", moe_enable=True, num_expert=5, type_expert="ffn",
-               top_k=2, gate="film", embed_dim=24, dim_head=8, n_heads=3, depth=2, scale_dim=2, dropout=0.1,
+               top_k=2, gate="film", embed_dim=24, dim_head=dim_head, n_heads=heads, depth=2, scale_dim=2, dropout=0.1,
                embed_dropout=0, kernel_size=3, out_ch_scale=2,
                _reference={"repo": REPO, "class": "MoWE"})
     C, p, D = cfg["out_ch"], cfg["patch_size"], cfg["embed_dim"]
@@ -220,7 +220,7 @@ def _full_case(g, residual=True):
                 p_ + ".bias": 0.1 * torch.randn(cout, generator=g)}
 
     enc = "Img_Encoder.vision_transformer."
-    sd = random_layer_state(g, enc + "transformer.", 2, D, 3, 8, 2 * D, 5)
+    sd = random_layer_state(g, enc + "transformer.", 2, D, heads, dim_head, 2 * D, 5)
     sd.update(conv("head.0", 3, C))
     for i in (1, 2):
         sd.update(conv(f"head.{i}.body.0", C, C)), sd.update(conv(f"head.{i}.body.2", C, C))
@@ -236,6 +236,25 @@ def _full_case(g, residual=True):
     sd.update(conv("tail.3.body.0", ch // 2, ch // 2)), sd.update(conv("tail.3.body.2", ch // 2, ch // 2))
     sd.update(conv("tail.4", ch // 2, 3))
     return cfg, sd
+
+
+def test_config_without_head_sizes_uses_mowe_defaults():
+    """A config written like the official training script's leaves n_heads / dim_head to MoWE's defaults (8 x 64)."""
+    from moezoo.models.deweather.convert_mofme import load_official
+
+    g = torch.Generator().manual_seed(6)
+    cfg, sd = _full_case(g, heads=8, dim_head=64)
+    short = {k: v for k, v in cfg.items() if k not in ("n_heads", "dim_head", "dropout", "_reference")}
+    model = load_official(short, sd)
+    assert (model.config.num_attention_heads, model.config.head_dim, model.config.dropout) == (8, 64, 0.1)
+    img = torch.randn(2, 3, 16, 24, generator=g)
+    with torch.no_grad():
+        want = official_mowe(sd, cfg, img, {})
+        got = model(pixel_values=img).reconstruction
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    _, sd3 = _full_case(g)  # 3 heads x 8: the defaults do not fit, and the error says so
+    with pytest.raises(ValueError, match="n_heads=8 does not divide|dim_head=64"):
+        load_official(short, sd3)
 
 
 def test_full_model_parity_other_config(tmp_path):
